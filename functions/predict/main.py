@@ -1,0 +1,39 @@
+"""predict: score an ad now — by its body, in a batch, or by the id of a stored ad."""
+
+from __future__ import annotations
+
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import http, scoring
+from shared.config import settings_or_exit
+from shared.schemas import Ad, BatchResponse, Prediction
+
+settings = settings_or_exit()
+
+
+async def predict_ad(request: Request) -> Prediction:
+    return scoring.predict(await http.parse_body(request, Ad))
+
+
+async def predict_batch(request: Request) -> BatchResponse:
+    batch = await http.parse_batch(request, max_items=settings.max_batch_size)
+    return scoring.predict_batch(batch.items)
+
+
+async def simple_predict(request: Request) -> Prediction:
+    return await scoring.predict_stored(await http.parse_item_id(request))
+
+
+router = http.Router(
+    http.Route("POST", "/predict", predict_ad),
+    http.Route("POST", "/predict/batch", predict_batch),
+    http.Route("POST", "/simple_predict", simple_predict),
+    *http.health_routes(model=scoring.model_ready, database=scoring.database_ready),
+)
+
+
+@functions_framework.aio.http
+async def predict(request: Request) -> Response:
+    return await router.handle(request)

@@ -1,0 +1,4 @@
+DROP TABLE outbox;
+DROP TABLE moderation_results;
+DROP TABLE advertisements;
+DROP TABLE users;

@@ -1,0 +1,1 @@
+"""Processes that are not functions: CLI, dev stack, adapter, relay."""

@@ -1,0 +1,81 @@
+"""Configuration: one pydantic-settings object read from the environment once per process."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path(__file__).parent / "default_model" / "model.onnx"
+
+
+class ConfigError(RuntimeError):
+    """Bad configuration; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Every setting the functions read. Names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Unset means "no database": routes that need one answer 503 instead of crashing at start.
+    database_url: str | None = None
+    database_pool_min_size: Annotated[int, Field(ge=0)] = 1
+    database_pool_max_size: Annotated[int, Field(ge=1)] = 10
+    # How long a request waits for a connection before it is answered 503.
+    database_timeout: Annotated[float, Field(gt=0)] = 5.0
+
+    kafka_bootstrap_servers: str | None = None
+    moderation_topic: str = "moderation"
+    retry_topic: str = "moderation_retry"
+    dlq_topic: str = "moderation_dlq"
+    topic_partitions: Annotated[int, Field(ge=1)] = 4
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    retry_backoff_base_seconds: Annotated[float, Field(ge=0)] = 1.0
+    retry_backoff_max_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+    model_path: Path = DEFAULT_MODEL_PATH
+    max_batch_size: Annotated[int, Field(ge=1)] = 1000
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+    @field_validator("database_url", "kafka_bootstrap_servers", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (or postgres://)")
+        return value
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad variable, never echoing a value (it may be a secret)."""
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]).upper()
+        parts.append(f"{name}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; raises ConfigError naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError(describe_error(error)) from None
+
+
+def settings_or_exit() -> Settings:
+    """For process start: bad configuration ends the process with one clear line."""
+    try:
+        return get_settings()
+    except ConfigError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,91 @@
+"""PostgreSQL access: one async pool per process, opened lazily on first use.
+
+The pool is never created at import (functions-framework imports before it forks) and is
+bound to the event loop that opened it; a new loop (a test client) gets a new pool.
+Connection loss of any kind is turned into DatabaseUnavailable (503 / temporary error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from shared.config import get_settings
+from shared.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+_pool: AsyncConnectionPool | None = None
+_pool_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _new_pool(url: str) -> AsyncConnectionPool:
+    settings = get_settings()
+    return AsyncConnectionPool(
+        url,
+        min_size=settings.database_pool_min_size,
+        max_size=settings.database_pool_max_size,
+        timeout=settings.database_timeout,
+        # Without a check, the pool hands out connections killed by a database restart.
+        check=AsyncConnectionPool.check_connection,
+        # Keep trying to reconnect for a while after an outage instead of giving up for good.
+        reconnect_timeout=60.0,
+        kwargs={
+            "connect_timeout": max(1, int(settings.database_timeout)),
+            "row_factory": dict_row,
+            "application_name": "ad-moderation",
+        },
+        open=False,
+        name="moderation",
+    )
+
+
+async def get_pool() -> AsyncConnectionPool:
+    global _pool, _pool_loop
+    loop = asyncio.get_running_loop()
+    if _pool is not None and _pool_loop is loop:
+        return _pool
+    url = get_settings().database_url
+    if url is None:
+        log.error("database is not available: DATABASE_URL is not set")
+        raise DatabaseUnavailable()
+    pool = _new_pool(url)
+    # wait=False: a database that is down at start must not stop the function from serving
+    # the routes that do not need it; requests that do wait at most DATABASE_TIMEOUT.
+    await pool.open(wait=False)
+    _pool, _pool_loop = pool, loop
+    return pool
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
+    """A pooled connection; any loss of the database surfaces as DatabaseUnavailable."""
+    pool = await get_pool()
+    try:
+        async with pool.connection() as conn:
+            yield conn
+    except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as error:
+        log.warning("database is not available: %s", type(error).__name__)
+        raise DatabaseUnavailable() from error
+
+
+async def ping() -> bool:
+    try:
+        async with connection() as conn:
+            await conn.execute("SELECT 1")
+        return True
+    except DatabaseUnavailable:
+        return False
+
+
+async def close() -> None:
+    global _pool, _pool_loop
+    if _pool is not None and _pool_loop is asyncio.get_running_loop():
+        await _pool.close()
+    _pool, _pool_loop = None, None

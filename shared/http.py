@@ -1,0 +1,188 @@
+"""The HTTP boundary: routing, request parsing and error responses for every HTTP function.
+
+The only module of `shared` that knows Starlette. Each function declares a Router of its
+routes; every route is also served under the /moderation prefix (the original service's).
+Errors are JSON `{"detail": ...}` as FastAPI answers them, so older clients keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.config import get_settings
+from shared.errors import ModerationError, PayloadTooLarge, ValidationFailed
+from shared.schemas import BatchRequest, ItemIdRequest
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("/moderation", "")
+
+Model = TypeVar("Model", bound=BaseModel)
+Handler = Callable[..., Awaitable[Any]]
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        if isinstance(content, BaseModel):
+            return content.model_dump_json().encode()
+        return orjson.dumps(content, default=str)
+
+
+def error_response(status: int, detail: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # "/moderation_result/{task_id}": a {name} segment is passed as a str kwarg
+    handler: Handler
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
+        object.__setattr__(self, "pattern", re.compile(f"{regex}/?"))
+
+
+class Router:
+    """Dispatches a request to its route; turns every failure into a JSON error."""
+
+    def __init__(self, *routes: Route) -> None:
+        self.routes = routes
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            handler, params = self._match(request.method, request.url.path)
+            result = await handler(request, **params)
+        except ModerationError as error:
+            return error_response(error.status, error.detail_value)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return error_response(500, "Internal server error")
+        if isinstance(result, Response):
+            return result
+        return JSONResponse(result)
+
+    def _match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        for prefix in PREFIXES:
+            if not path.startswith(prefix):
+                continue
+            rest = path[len(prefix) :] or "/"
+            allowed = []
+            for route in self.routes:
+                found = route.pattern.fullmatch(rest)
+                if not found:
+                    continue
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
+                    return route.handler, found.groupdict()
+                allowed.append(route.method)
+            if allowed:
+                raise _MethodNotAllowed()
+        raise _NotFound()
+
+
+class _NotFound(ModerationError):
+    status = 404
+    detail = "Not Found"
+
+
+class _MethodNotAllowed(ModerationError):
+    status = 405
+    detail = "Method Not Allowed"
+
+
+def validation_errors(error: ValidationError, where: str) -> list[dict[str, Any]]:
+    """pydantic's error list in FastAPI's shape: loc starts with body/query/path."""
+    details = error.errors(include_url=False)
+    for item in details:
+        item["loc"] = [where, *item["loc"]]
+        if "ctx" in item:
+            item["ctx"] = {key: str(value) for key, value in item["ctx"].items()}
+    return details
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, refusing more than MAX_BODY_BYTES without reading it all."""
+    limit = get_settings().max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge()
+    return bytes(body)
+
+
+def parse(model: type[Model], data: bytes | dict[str, Any], where: str = "body") -> Model:
+    try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error, where)) from None
+
+
+async def parse_body(request: Request, model: type[Model]) -> Model:
+    return parse(model, await read_body(request))
+
+
+async def parse_json(request: Request) -> Any:
+    body = await read_body(request)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ValidationFailed(
+            [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {error}"}]
+        ) from None
+
+
+async def parse_item_id(request: Request) -> int:
+    """`item_id` from the query string (original service A) or a JSON body (B)."""
+    if "item_id" in request.query_params:
+        return parse(ItemIdRequest, dict(request.query_params), "query").item_id
+    body = await read_body(request)
+    if not body.strip():
+        raise ValidationFailed(
+            [{"type": "missing", "loc": ["query", "item_id"], "msg": "Field required"}]
+        )
+    return parse(ItemIdRequest, body).item_id
+
+
+async def parse_batch(request: Request, max_items: int) -> BatchRequest:
+    """`{"items": [ad, ...]}`; more than max_items is 413 before any item is validated."""
+    data = await parse_json(request)
+    items = data.get("items") if isinstance(data, dict) else None
+    if isinstance(items, list) and len(items) > max_items:
+        raise PayloadTooLarge(f"A batch holds at most {max_items} items, got {len(items)}")
+    return parse(BatchRequest, data)
+
+
+def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Route]:
+    """GET /health (the process answers) and GET /ready (every named check passes)."""
+
+    async def health(request: Request) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def ready(request: Request) -> Response:
+        results = {name: await check() for name, check in checks.items()}
+        ok = all(results.values())
+        body = {
+            "status": "ready" if ok else "not ready",
+            "checks": {name: "ok" if passed else "unavailable" for name, passed in results.items()},
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return (Route("GET", "/health", health), Route("GET", "/ready", ready))

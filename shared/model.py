@@ -1,0 +1,125 @@
+"""The ONNX model at serving time: loaded lazily, once per process, never at import.
+
+onnxruntime itself is imported lazily too: importing it starts threads, and
+functions-framework imports the function module in the gunicorn master before forking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import model_contract
+from shared.config import get_settings
+from shared.errors import ModelUnavailable, ScoringFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Score:
+    is_violation: bool
+    probability: float
+
+
+class Model:
+    """An ONNX session plus the metadata that says how to read it."""
+
+    def __init__(self, session: Any, metadata: dict[str, Any]) -> None:
+        self._session = session
+        self.version: str = metadata["version"]
+        self.threshold: float = float(metadata["threshold"])
+        self._input = metadata.get("input_name", model_contract.INPUT_NAME)
+        self._output = metadata.get("output_name", model_contract.PROBABILITY_OUTPUT)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Violation probability per row of a (n, len(FEATURES)) float64 matrix."""
+        try:
+            (probabilities,) = self._session.run([self._output], {self._input: features})
+            return np.asarray(probabilities)[:, 1]
+        except Exception as error:  # onnxruntime raises its own exception types
+            log.exception("model inference failed")
+            raise ScoringFailed() from error
+
+    def score(self, ads: Sequence[model_contract.AdLike]) -> list[Score]:
+        if not ads:
+            return []
+        probabilities = self.probabilities(model_contract.feature_matrix(ads))
+        return [
+            Score(is_violation=bool(p >= self.threshold), probability=float(p))
+            for p in probabilities
+        ]
+
+
+def load_model(path: Path) -> Model:
+    """Load model.onnx and the model.json beside it; refuse a model that breaks the contract."""
+    metadata_path = path.with_suffix(".json")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except FileNotFoundError:
+        raise ModelUnavailable(f"model metadata {metadata_path.name} not found beside {path}") from None
+    except (OSError, ValueError) as error:
+        raise ModelUnavailable(f"model metadata {metadata_path} is unreadable: {error}") from None
+    if not isinstance(metadata, dict):
+        raise ModelUnavailable(f"model metadata {metadata_path} is not a JSON object")
+    mismatch = model_contract.contract_mismatch(metadata)
+    if mismatch:
+        raise ModelUnavailable(f"model {path} does not fit the feature contract: {mismatch}")
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    # One small row at a time: extra intra-op threads only add wake-up latency.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # missing file, corrupt graph: onnxruntime's own types
+        raise ModelUnavailable(f"model {path} cannot be loaded: {error}") from None
+    model = Model(session, metadata)
+    # Fail at load, not at the first request, if the graph does not answer as the contract says.
+    model.probabilities(np.zeros((1, len(model_contract.FEATURES)), dtype=np.float64))
+    return model
+
+
+_lock = threading.Lock()
+_model: Model | None = None
+_last_error: str | None = None
+
+
+def get_model() -> Model:
+    """The process's model; loads it on first use, retries on later calls if that failed."""
+    global _model, _last_error
+    if _model is not None:
+        return _model
+    with _lock:
+        if _model is None:
+            path = get_settings().model_path
+            try:
+                _model = load_model(path)
+            except (ModelUnavailable, ScoringFailed) as error:
+                message = str(error)
+                if message != _last_error:  # one log line per distinct failure, not per request
+                    log.error("model is not available: %s", message)
+                    _last_error = message
+                raise ModelUnavailable() from error
+            _last_error = None
+            log.info("model %s loaded from %s", _model.version, path)
+    return _model
+
+
+def reset() -> None:
+    """Forget the loaded model (tests, or a process that swaps MODEL_PATH)."""
+    global _model, _last_error
+    with _lock:
+        _model = None
+        _last_error = None

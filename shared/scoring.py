@@ -1,0 +1,53 @@
+"""Synchronous scoring: one ad, a batch of ads, or a stored ad by id."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared import db, repository
+from shared.config import get_settings
+from shared.errors import ItemNotFound, PayloadTooLarge
+from shared.model import get_model
+from shared.schemas import Ad, BatchPrediction, BatchResponse, Prediction
+
+
+def predict(ad: Ad) -> Prediction:
+    model = get_model()
+    (score,) = model.score([ad])
+    return Prediction(
+        is_violation=score.is_violation, probability=score.probability, model_version=model.version
+    )
+
+
+def predict_batch(ads: Sequence[Ad]) -> BatchResponse:
+    limit = get_settings().max_batch_size
+    if len(ads) > limit:
+        raise PayloadTooLarge(f"A batch holds at most {limit} items, got {len(ads)}")
+    model = get_model()
+    results = [
+        BatchPrediction(item_id=ad.item_id, is_violation=s.is_violation, probability=s.probability)
+        for ad, s in zip(ads, model.score(ads), strict=True)
+    ]
+    return BatchResponse(results=results, model_version=model.version)
+
+
+async def predict_stored(item_id: int) -> Prediction:
+    """Score a stored ad; the model is checked first so a broken model never costs a query."""
+    get_model()
+    async with db.connection() as conn:
+        ad = await repository.get_ad(conn, item_id)
+    if ad is None:
+        raise ItemNotFound()
+    return predict(ad)
+
+
+async def model_ready() -> bool:
+    try:
+        get_model()
+    except Exception:
+        return False
+    return True
+
+
+async def database_ready() -> bool:
+    return await db.ping()

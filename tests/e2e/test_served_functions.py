@@ -1,0 +1,88 @@
+"""Real functions-framework (gunicorn + uvicorn worker) processes, called over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from moderation.dev import function_command
+from tests.conftest import REPO_ROOT, insert_ad
+from tests.helpers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _health(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def served_predict(postgres_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": postgres_url, "WORKERS": "2"}
+    process = subprocess.Popen(function_command("predict", port), env=env, cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _health(base), 30, "predict to serve")
+        assert process.poll() is None, "functions-framework exited at start"
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_served_predict_answers_over_http_with_two_workers(served_predict, postgres_url) -> None:
+    base, _ = served_predict
+    ad = insert_ad(postgres_url, is_verified_seller=False, images_qty=0)
+    with httpx.Client(base_url=base, timeout=10) as client:
+        # Several requests so both forked workers are likely to answer at least once.
+        bodies = [client.post("/predict", json=ad).json() for _ in range(20)]
+        assert all(body["is_violation"] is True for body in bodies)
+        stored = client.post("/moderation/simple_predict", params={"item_id": ad["item_id"]})
+        assert stored.status_code == 200
+        assert stored.json()["probability"] == bodies[0]["probability"]
+        assert client.get("/ready").json()["status"] == "ready"
+        assert client.post("/predict", content=b"{").status_code == 422
+
+
+def test_served_predict_stops_on_sigterm(served_predict) -> None:
+    _, process = served_predict
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) is not None
+
+
+def test_function_module_import_opens_nothing() -> None:
+    """functions-framework imports main.py before forking: no threads, no ORT, no pool yet."""
+    code = (
+        "import sys, threading, runpy\n"
+        "runpy.run_path('functions/predict/main.py')\n"
+        "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'\n"
+        "from shared import db, model\n"
+        "assert db._pool is None and model._model is None\n"
+        "print(threading.active_count())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+def test_function_with_bad_configuration_exits_with_one_line() -> None:
+    env = {**os.environ, "MAX_RETRIES": "many"}
+    result = subprocess.run(
+        function_command("predict", free_port()),
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "invalid configuration: MAX_RETRIES" in result.stderr

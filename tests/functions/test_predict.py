@@ -1,0 +1,218 @@
+"""The predict function through functions-framework's own app: contract, validation, errors."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from shared.config import DEFAULT_MODEL_PATH, get_settings
+
+AD = {
+    "seller_id": 1,
+    "is_verified_seller": True,
+    "item_id": 100,
+    "name": "Test Item",
+    "description": "Test Description",
+    "category": 1,
+    "images_qty": 3,
+}
+
+FIELDS = list(AD)
+WRONG_TYPE = {
+    "seller_id": "invalid",
+    "is_verified_seller": "invalid",
+    "item_id": "invalid",
+    "name": 12345,
+    "description": 12345,
+    "category": "invalid",
+    "images_qty": "invalid",
+}
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client("predict")
+
+
+def test_predict_unverified_seller_without_images_is_violation(client: TestClient) -> None:
+    response = client.post("/predict", json={**AD, "is_verified_seller": False, "images_qty": 0})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["is_violation"] is True
+    assert body["probability"] == pytest.approx(0.77, abs=0.01)
+    assert isinstance(body["model_version"], str) and body["model_version"]
+
+
+def test_predict_verified_seller_with_images_is_not_violation(client: TestClient) -> None:
+    response = client.post("/predict", json={**AD, "is_verified_seller": True, "images_qty": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["is_violation"] is False
+    assert 0.0 <= body["probability"] < 0.5
+
+
+@pytest.mark.parametrize("prefix", ["", "/moderation"])
+def test_predict_routes_answer_with_and_without_prefix(client: TestClient, prefix: str) -> None:
+    assert client.post(f"{prefix}/predict", json=AD).status_code == 200
+    assert client.post(f"{prefix}/predict/batch", json={"items": [AD]}).status_code == 200
+    assert client.get(f"{prefix}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_predict_missing_field_is_422(client: TestClient, field: str) -> None:
+    body = {k: v for k, v in AD.items() if k != field}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert any(error["loc"] == ["body", field] for error in response.json()["detail"])
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_predict_wrong_type_is_422(client: TestClient, field: str) -> None:
+    response = client.post("/predict", json={**AD, field: WRONG_TYPE[field]})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_predict_null_field_is_422(client: TestClient, field: str) -> None:
+    response = client.post("/predict", json={**AD, field: None})
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize("body", [b"{}", b"null", b"[]", b"", b"{not json", b'{"seller_id": 1,'])
+def test_predict_empty_null_or_malformed_body_is_422(client: TestClient, body: bytes) -> None:
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "detail" in response.json()
+
+
+@pytest.mark.parametrize("field", ["item_id", "seller_id"])
+@pytest.mark.parametrize("value", [0, -1, 2147483648])
+def test_predict_id_out_of_range_is_422(client: TestClient, field: str, value: int) -> None:
+    assert client.post("/predict", json={**AD, field: value}).status_code == 422
+
+
+def test_predict_negative_images_is_422(client: TestClient) -> None:
+    assert client.post("/predict", json={**AD, "images_qty": -1}).status_code == 422
+
+
+def test_predict_batch_scores_each_item_like_predict(client: TestClient) -> None:
+    items = [
+        {**AD, "item_id": 1, "is_verified_seller": False, "images_qty": 0},
+        {**AD, "item_id": 2, "is_verified_seller": True, "images_qty": 8},
+    ]
+    response = client.post("/predict/batch", json={"items": items})
+    assert response.status_code == 200
+    body = response.json()
+    assert [r["item_id"] for r in body["results"]] == [1, 2]
+    for item, result in zip(items, body["results"], strict=True):
+        single = client.post("/predict", json=item).json()
+        assert result["probability"] == pytest.approx(single["probability"], abs=1e-12)
+        assert result["is_violation"] == single["is_violation"]
+    assert body["model_version"] == single["model_version"]
+
+
+def test_predict_batch_empty_list_gives_empty_results(client: TestClient) -> None:
+    response = client.post("/predict/batch", json={"items": []})
+    assert response.status_code == 200
+    assert response.json()["results"] == []
+
+
+def test_predict_batch_with_one_bad_item_names_its_index(client: TestClient) -> None:
+    items = [AD, AD, {**AD, "images_qty": "many"}]
+    response = client.post("/predict/batch", json={"items": items})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "items", 2, "images_qty"]
+
+
+def test_predict_batch_over_the_limit_is_413(client: TestClient) -> None:
+    limit = get_settings().max_batch_size
+    response = client.post("/predict/batch", json={"items": [AD] * (limit + 1)})
+    assert response.status_code == 413
+    assert str(limit) in response.json()["detail"]
+
+
+def test_predict_body_over_one_mebibyte_is_413(client: TestClient) -> None:
+    huge = {**AD, "description": "x" * (1024 * 1024 + 1)}
+    assert client.post("/predict", json=huge).status_code == 413
+
+
+def test_predict_unknown_path_is_404_and_wrong_method_is_405(client: TestClient) -> None:
+    assert client.post("/nope", json=AD).status_code == 404
+    assert client.get("/moderation/nope").json() == {"detail": "Not Found"}
+    assert client.get("/predict").status_code == 405
+
+
+def test_predict_ready_without_database_is_503_naming_the_check(client: TestClient) -> None:
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"] == {"model": "ok", "database": "unavailable"}
+
+
+def _use_model_dir(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    monkeypatch.setenv("MODEL_PATH", str(path))
+    get_settings.cache_clear()
+
+
+def test_predict_missing_model_file_is_503_with_a_log_line(
+    make_client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _use_model_dir(monkeypatch, tmp_path / "absent" / "model.onnx")
+    client = make_client("predict")
+    with caplog.at_level(logging.ERROR, logger="shared.model"):
+        response = client.post("/predict", json=AD)
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Model is not available"}
+    assert "not available" in response.json()["detail"]
+    assert any("model is not available" in r.getMessage() for r in caplog.records)
+    assert client.get("/ready").json()["checks"]["model"] == "unavailable"
+
+
+def test_predict_corrupt_model_file_is_503_with_a_log_line(
+    make_client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copy(DEFAULT_MODEL_PATH.with_suffix(".json"), tmp_path / "model.json")
+    (tmp_path / "model.onnx").write_bytes(b"this is not an onnx graph")
+    _use_model_dir(monkeypatch, tmp_path / "model.onnx")
+    client = make_client("predict")
+    with caplog.at_level(logging.ERROR, logger="shared.model"):
+        response = client.post("/predict", json=AD)
+    assert response.status_code == 503
+    assert any("cannot be loaded" in r.getMessage() for r in caplog.records)
+    # Batch scoring depends on the same model and fails the same way.
+    assert client.post("/predict/batch", json={"items": [AD]}).status_code == 503
+
+
+def test_predict_model_of_another_contract_is_refused(
+    make_client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copy(DEFAULT_MODEL_PATH, tmp_path / "model.onnx")
+    metadata = DEFAULT_MODEL_PATH.with_suffix(".json").read_text()
+    (tmp_path / "model.json").write_text(metadata.replace('"category"', '"price"'))
+    _use_model_dir(monkeypatch, tmp_path / "model.onnx")
+    client = make_client("predict")
+    with caplog.at_level(logging.ERROR, logger="shared.model"):
+        assert client.post("/predict", json=AD).status_code == 503
+    assert any("feature contract" in r.getMessage() for r in caplog.records)
+
+
+def test_predict_internal_scoring_error_is_500_without_a_stack_trace(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import model as model_module
+
+    loaded = model_module.get_model()
+
+    class BrokenSession:
+        def run(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("ORT exploded at /secret/path")
+
+    monkeypatch.setattr(loaded, "_session", BrokenSession())
+    response = client.post("/predict", json=AD)
+    assert response.status_code == 500
+    assert "error" in response.json()["detail"].lower()
+    assert "secret" not in response.text

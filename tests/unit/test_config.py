@@ -1,0 +1,58 @@
+"""Settings: defaults, and bad configuration failing with one line naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.config import ConfigError, Settings, get_settings, settings_or_exit
+
+
+def test_settings_defaults_serve_without_any_environment() -> None:
+    settings = get_settings()
+    assert settings.database_url is None
+    assert settings.max_retries == 3
+    assert settings.model_path.is_file()
+    assert (settings.moderation_topic, settings.retry_topic, settings.dlq_topic) == (
+        "moderation",
+        "moderation_retry",
+        "moderation_dlq",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAX_RETRIES", "three"),
+        ("MAX_RETRIES", "-1"),
+        ("DATABASE_URL", "mysql://localhost/db"),
+        ("DATABASE_TIMEOUT", "0"),
+    ],
+)
+def test_settings_bad_variable_fails_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as raised:
+        get_settings()
+    message = str(raised.value)
+    assert variable in message
+    assert "\n" not in message
+
+
+def test_settings_error_never_echoes_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://user:hunter2@db/x")
+    with pytest.raises(ConfigError) as raised:
+        get_settings()
+    assert "hunter2" not in str(raised.value)
+
+
+def test_settings_or_exit_ends_the_process_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_RETRIES", "lots")
+    with pytest.raises(SystemExit) as raised:
+        settings_or_exit()
+    assert str(raised.value).startswith("error: invalid configuration: MAX_RETRIES")
+
+
+def test_settings_empty_database_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "  ")
+    assert Settings().database_url is None
