@@ -11,8 +11,14 @@ from moderation.demo import insert_demo_data
 from moderation.migrate import apply_migrations
 
 database_url_option = click.option(
-    "--database-url", envvar="DATABASE_URL", required=True, help="PostgreSQL URL [env DATABASE_URL]"
+    "--database-url", envvar="DATABASE_URL", help="PostgreSQL URL [env DATABASE_URL]"
 )
+
+
+def require_database_url(database_url: str | None) -> str:
+    if not database_url:
+        raise click.UsageError("no database: set DATABASE_URL or pass --database-url")
+    return database_url
 
 
 @click.group()
@@ -27,17 +33,17 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @database_url_option
-def migrate(database_url: str) -> None:
+def migrate(database_url: str | None) -> None:
     """Apply the schema migrations (safe to run twice)."""
-    applied = apply_migrations(database_url)
+    applied = apply_migrations(require_database_url(database_url))
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
 @main.command("demo-data")
 @database_url_option
-def demo_data(database_url: str) -> None:
+def demo_data(database_url: str | None) -> None:
     """Insert the demo sellers and ads (safe to run twice)."""
-    click.echo(f"{insert_demo_data(database_url)} ads in the database")
+    click.echo(f"{insert_demo_data(require_database_url(database_url))} ads in the database")
 
 
 @main.command("dev")
