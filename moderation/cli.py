@@ -1,14 +1,17 @@
-"""The `moderation` command: dev stack, migrations, demo data."""
+"""The `moderation` command: the dev stack, migrations and topics, and the processes that are
+not functions (push adapter, outbox relay, dev gateway)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import threading
 
 import click
 
-from moderation import dev
-from moderation.demo import insert_demo_data
-from moderation.migrate import apply_migrations
+from shared.config import ConfigError, get_settings
 
 database_url_option = click.option(
     "--database-url", envvar="DATABASE_URL", help="PostgreSQL URL [env DATABASE_URL]"
@@ -21,10 +24,27 @@ def require_database_url(database_url: str | None) -> str:
     return database_url
 
 
+def require_bootstrap_servers() -> str:
+    try:
+        bootstrap = get_settings().kafka_bootstrap_servers
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    if not bootstrap:
+        raise click.UsageError("no broker: set KAFKA_BOOTSTRAP_SERVERS")
+    return bootstrap
+
+
+def wait_for_stop_signal() -> None:
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
-    """Ad moderation: run the stack locally and manage its database."""
+    """Ad moderation: run the stack locally, manage its database and topics."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -34,26 +54,99 @@ def main(verbose: bool) -> None:
 @main.command()
 @database_url_option
 def migrate(database_url: str | None) -> None:
-    """Apply the schema migrations (safe to run twice)."""
+    """Apply the schema migrations, and create the topics if a broker is set (safe to rerun)."""
+    from moderation.migrate import apply_migrations
+
     applied = apply_migrations(require_database_url(database_url))
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    if get_settings().kafka_bootstrap_servers:
+        topics.callback()  # type: ignore[misc]
+
+
+@main.command()
+def topics() -> None:
+    """Create the moderation, retry and dead-letter topics that do not exist yet."""
+    from moderation.relay import ensure_project_topics, project_topics
+
+    require_bootstrap_servers()
+    created = ensure_project_topics()
+    click.echo(f"topics created: {', '.join(created)}" if created else "topics exist")
+    click.echo(", ".join(project_topics()))
 
 
 @main.command("demo-data")
 @database_url_option
 def demo_data(database_url: str | None) -> None:
     """Insert the demo sellers and ads (safe to run twice)."""
+    from moderation.demo import insert_demo_data
+
     click.echo(f"{insert_demo_data(require_database_url(database_url))} ads in the database")
+
+
+@main.command()
+@click.option("--sink", required=True, envvar="K_SINK", help="The consumer function's URL.")
+@click.option("--group", default="moderation-consumer", show_default=True)
+def adapter(sink: str, group: str) -> None:
+    """Push Kafka records to the consumer function as CloudEvents (KafkaSource semantics)."""
+    from moderation.adapter import Adapter
+
+    settings = get_settings()
+    pushers = Adapter(
+        require_bootstrap_servers(), sink, settings.moderation_topic, settings.retry_topic, group
+    )
+    pushers.start()
+    click.echo(f"pushing {settings.moderation_topic}, {settings.retry_topic} to {sink}")
+    wait_for_stop_signal()
+    pushers.stop()
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+def relay(interval: float, once: bool) -> None:
+    """Publish outbox rows that were not published right after their commit."""
+    from moderation import relay as outbox_relay
+
+    require_bootstrap_servers()
+    require_database_url(get_settings().database_url)
+    if once:
+        click.echo(f"published {asyncio.run(outbox_relay.run(once=True))}")
+        return
+    # SIGTERM stops it the way Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(outbox_relay.run(interval=interval))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--backend", "backends", multiple=True, required=True, help="name=URL")
+def gateway(host: str, port: int, backends: tuple[str, ...]) -> None:
+    """Serve every HTTP route on one port, forwarding to the functions (dev only)."""
+    import uvicorn
+
+    from moderation.gateway import create_gateway
+
+    table = dict(backend.split("=", 1) for backend in backends)
+    uvicorn.run(create_gateway(table), host=host, port=port, log_level="warning")
 
 
 @main.command("dev")
 @click.option("--port", default=8000, show_default=True, envvar="PORT", help="Base URL port.")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--database-url", envvar="DATABASE_URL", default=None,
-              help="Use this PostgreSQL instead of an embedded one [env DATABASE_URL].")  # fmt: skip
-def dev_command(port: int, host: str, database_url: str | None) -> None:
-    """Start the whole stack on embedded defaults and serve it on one base URL."""
-    dev.run(port=port, host=host, database_url=database_url or None)
+def dev_command(port: int, host: str) -> None:
+    """Start the whole stack and serve every route on one base URL.
+
+    Embedded PostgreSQL and broker unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS are set.
+    """
+    from moderation import dev
+
+    try:
+        settings = get_settings()
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    dev.run(port, host, settings.database_url, settings.kafka_bootstrap_servers)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The dev stack: embedded services, migrations, demo data and the functions, in one command."""
+"""The dev stack: embedded PostgreSQL and broker, migrations, topics, demo data, the four
+functions, the push adapter, the outbox relay, and a gateway serving every route on one port."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -16,12 +16,14 @@ from pathlib import Path
 from types import FrameType
 
 from moderation.demo import insert_demo_data
+from moderation.embedded_kafka import EmbeddedKafka
 from moderation.embedded_postgres import EmbeddedPostgres
 from moderation.migrate import REPO_ROOT, apply_migrations
-
-log = logging.getLogger(__name__)
+from shared.kafka_admin import ensure_topics
 
 FUNCTIONS_DIR = REPO_ROOT / "functions"
+HTTP_FUNCTIONS = ("predict", "async_predict", "get_result")
+CONSUMER = "moderation_consumer"
 
 
 def function_command(target: str, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -33,19 +35,38 @@ def function_command(target: str, port: int, host: str = "127.0.0.1") -> list[st
     ]  # fmt: skip
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def moderation_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moderation", *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def answers_http(url: str) -> bool:
+    """True once anything answers HTTP at url (a CloudEvent function answers GET with 405)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0):
+            return True
+    except urllib.error.HTTPError as error:
+        return error.code < 500
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{url}: the process exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if answers_http(url):
+            return
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
 @dataclass
@@ -54,50 +75,92 @@ class Child:
     process: subprocess.Popen[bytes]
 
 
+def _new_state_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="moderation-dev-"))
+
+
 @dataclass
 class DevStack:
+    """Start with start(), stop with stop(); every child gets SIGTERM, then SIGKILL."""
+
     port: int = 8000
     host: str = "127.0.0.1"
     database_url: str | None = None
-    state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="moderation-dev-")))
+    kafka_bootstrap_servers: str | None = None
+    state_dir: Path = field(default_factory=_new_state_dir)
+    quiet: bool = False
     children: list[Child] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
+    kafka: EmbeddedKafka | None = None
+
+    def say(self, what: str, detail: str) -> None:
+        if not self.quiet:
+            print(f"{what:<20} {detail}", flush=True)
 
     def start(self) -> None:
         if self.database_url is None:
             self.postgres = EmbeddedPostgres(self.state_dir / "postgres")
             self.postgres.data_dir.mkdir(parents=True, exist_ok=True)
             self.database_url = self.postgres.start()
-            print(f"postgres    embedded, {self.database_url}", flush=True)
+            self.say("postgres", f"embedded  {self.database_url}")
         else:
-            print("postgres    DATABASE_URL (external)", flush=True)
+            self.say("postgres", "DATABASE_URL")
+        if self.kafka_bootstrap_servers is None:
+            self.kafka = EmbeddedKafka(log_dir=self.state_dir)
+            self.kafka_bootstrap_servers = self.kafka.start()
+            self.say("kafka", f"embedded  {self.kafka_bootstrap_servers} (Tansu, in memory)")
+        else:
+            self.say("kafka", f"KAFKA_BOOTSTRAP_SERVERS  {self.kafka_bootstrap_servers}")
+
         applied = apply_migrations(self.database_url)
-        print(f"migrations  {len(applied)} applied" if applied else "migrations  up to date")
-        ads = insert_demo_data(self.database_url)
-        print(f"demo data   {ads} ads")
-        self.start_function("predict", self.port)
+        self.say("migrations", f"{len(applied)} applied" if applied else "up to date")
+        ensure_topics(self.kafka_bootstrap_servers, self.topics())
+        self.say("topics", ", ".join(self.topics()))
+        self.say("demo data", f"{insert_demo_data(self.database_url)} ads")
+
+        for target in (*HTTP_FUNCTIONS, CONSUMER):
+            port = free_port(self.host)
+            url = f"http://{self.host}:{port}"
+            probe = url if target == CONSUMER else f"{url}/health"
+            self.spawn(target, function_command(target, port, self.host), probe)
+            self.urls[target] = url
+        self.spawn("adapter", moderation_command("adapter", "--sink", self.urls[CONSUMER]))
+        self.spawn("relay", moderation_command("relay"))
+        backends = [f"--backend={name}={self.urls[name]}" for name in HTTP_FUNCTIONS]
+        gateway = moderation_command("gateway", "--host", self.host, "--port", str(self.port))
+        self.spawn("gateway", [*gateway, *backends], f"http://{self.host}:{self.port}/health")
+        self.urls["gateway"] = f"http://{self.host}:{self.port}"
+
+    def topics(self) -> dict[str, int]:
+        from moderation.relay import project_topics
+
+        return project_topics()
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        assert self.database_url is not None
-        env["DATABASE_URL"] = self.database_url
-        return env
+        assert self.database_url and self.kafka_bootstrap_servers
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
+        }
 
-    def start_function(self, target: str, port: int) -> None:
-        log_file = (self.state_dir / f"{target}.log").open("ab")
-        process = subprocess.Popen(
-            function_command(target, port, self.host),
-            env=self.env(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-        self.children.append(Child(target, process))
-        wait_until_healthy(f"http://{self.host}:{port}/health", process)
-        print(f"{target:<11} http://{self.host}:{port}  (log: {log_file.name})", flush=True)
+    def spawn(self, name: str, command: list[str], probe_url: str | None = None) -> None:
+        log_path = self.state_dir / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+        self.children.append(Child(name, process))
+        if probe_url:
+            wait_until_up(probe_url, process)
+        elif process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode}, see {log_path}")
+        where = probe_url.removesuffix("/health") if probe_url else f"pid {process.pid}"
+        self.say(name, f"{where}  (log {log_path})")
 
     def wait(self) -> None:
-        """Block until SIGINT/SIGTERM or until a child dies."""
+        """Block until SIGINT/SIGTERM, or until a child dies."""
         stop = False
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -125,31 +188,47 @@ class DevStack:
                 child.process.kill()
                 child.process.wait()
         self.children.clear()
+        if self.kafka is not None:
+            self.kafka.close()
+            self.kafka = None
         if self.postgres is not None:
             self.postgres.close()
             self.postgres = None
 
 
 def print_usage(base: str) -> None:
+    ad = (
+        '{"seller_id": 1, "is_verified_seller": false, "item_id": 1, "name": "Phone",'
+        ' "description": "Test Description", "category": 1, "images_qty": 0}'
+    )
     print(
         f"""
-Ready. Try:
-  curl -s -X POST {base}/predict -H 'Content-Type: application/json' \\
-    -d '{{"seller_id": 1, "is_verified_seller": false, "item_id": 1, "name": "Phone", \\
-         "description": "Test Description", "category": 1, "images_qty": 0}}'
+Every route is served on {base} (and under {base}/moderation). Try:
+  curl -s -X POST {base}/predict -H 'Content-Type: application/json' -d '{ad}'
   curl -s -X POST '{base}/simple_predict?item_id=1'
-  curl -s {base}/ready
+  curl -s -X POST '{base}/async_predict?item_id=1'
+  curl -s {base}/moderation_result/1
 Stop with Ctrl-C.""",
         flush=True,
     )
 
 
-def run(port: int, host: str, database_url: str | None) -> None:
-    stack = DevStack(port=port, host=host, database_url=database_url)
+def run(
+    port: int, host: str, database_url: str | None, kafka_bootstrap_servers: str | None
+) -> None:
+    stack = DevStack(
+        port=port,
+        host=host,
+        database_url=database_url,
+        kafka_bootstrap_servers=kafka_bootstrap_servers,
+    )
+    # SIGTERM during start-up must still stop what was started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         stack.start()
-        print_usage(f"http://{host}:{port}")
+        print_usage(stack.urls["gateway"])
         stack.wait()
     finally:
         print("stopping...", flush=True)
         stack.stop()
+        print("stopped", flush=True)

@@ -1,1 +1,1 @@
-"""The small library every moderation function imports: config, errors, schemas, model, db, kafka."""
+"""The small library every moderation function imports: config, db, kafka, model, schemas."""

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     max_retries: Annotated[int, Field(ge=0)] = 3
     retry_backoff_base_seconds: Annotated[float, Field(ge=0)] = 1.0
     retry_backoff_max_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # async_predict waits this long for the broker's ack after commit; past it the request is
+    # still accepted and the outbox relay publishes later.
+    publish_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
+    # The consumer answers 2xx only once a retry or dead letter is acknowledged within this.
+    durable_publish_wait_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The relay leaves rows younger than this to the publish that follows their commit.
+    relay_grace_seconds: Annotated[float, Field(ge=0)] = 5.0
+    relay_batch_size: Annotated[int, Field(ge=1)] = 500
 
     model_path: Path = DEFAULT_MODEL_PATH
     max_batch_size: Annotated[int, Field(ge=1)] = 1000

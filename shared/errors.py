@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """What the consumer does with a message whose processing raised the error."""
 
     RETRY = "temporary"  # republish to the retry topic, DLQ after MAX_RETRIES

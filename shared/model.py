@@ -64,7 +64,9 @@ def load_model(path: Path) -> Model:
     try:
         metadata = json.loads(metadata_path.read_text())
     except FileNotFoundError:
-        raise ModelUnavailable(f"model metadata {metadata_path.name} not found beside {path}") from None
+        raise ModelUnavailable(
+            f"model metadata {metadata_path.name} not found beside {path}"
+        ) from None
     except (OSError, ValueError) as error:
         raise ModelUnavailable(f"model metadata {metadata_path} is unreadable: {error}") from None
     if not isinstance(metadata, dict):

@@ -40,7 +40,9 @@ class AdLike(Protocol):
     def category(self) -> int: ...
 
 
-def feature_row(is_verified_seller: bool, images_qty: int, description: str, category: int) -> list[float]:
+def feature_row(
+    is_verified_seller: bool, images_qty: int, description: str, category: int
+) -> list[float]:
     """The model's input row for one ad, in FEATURES order."""
     return [
         1.0 if is_verified_seller else 0.0,
@@ -53,8 +55,7 @@ def feature_row(is_verified_seller: bool, images_qty: int, description: str, cat
 def feature_matrix(ads: Iterable[AdLike]) -> np.ndarray:
     """A float64 matrix (n, len(FEATURES)) for a batch of ads."""
     rows = [
-        feature_row(ad.is_verified_seller, ad.images_qty, ad.description, ad.category)
-        for ad in ads
+        feature_row(ad.is_verified_seller, ad.images_qty, ad.description, ad.category) for ad in ads
     ]
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from shared.schemas import Ad
 
@@ -20,3 +21,121 @@ async def get_ad(conn: psycopg.AsyncConnection[Any], item_id: int) -> Ad | None:
     cursor = await conn.execute(_AD_BY_ID, (item_id,))
     row = await cursor.fetchone()
     return None if row is None else Ad.model_validate(row)
+
+
+async def ad_exists(conn: psycopg.AsyncConnection[Any], item_id: int) -> bool:
+    cursor = await conn.execute("SELECT 1 FROM advertisements WHERE id = %s", (item_id,))
+    return await cursor.fetchone() is not None
+
+
+_TASK_COLUMNS = """
+    id AS task_id, item_id, status, is_violation, probability, error_message,
+    error_message AS error, created_at, processed_at, model_version, attempts
+"""
+
+
+async def insert_task(
+    conn: psycopg.AsyncConnection[Any], item_id: int, idempotency_key: str | None
+) -> tuple[int, bool]:
+    """A new pending task, or the one already made with this idempotency key: (id, created)."""
+    cursor = await conn.execute(
+        "INSERT INTO moderation_results (item_id, idempotency_key) VALUES (%s, %s)"
+        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        (item_id, idempotency_key),
+    )
+    row = await cursor.fetchone()
+    if row is not None:
+        return int(row["id"]), True
+    cursor = await conn.execute(
+        "SELECT id FROM moderation_results WHERE idempotency_key = %s", (idempotency_key,)
+    )
+    existing = await cursor.fetchone()
+    assert existing is not None, "a conflicting idempotency key must have a row"
+    return int(existing["id"]), False
+
+
+async def get_task(conn: psycopg.AsyncConnection[Any], task_id: int) -> dict[str, Any] | None:
+    cursor = await conn.execute(
+        f"SELECT {_TASK_COLUMNS} FROM moderation_results WHERE id = %s", (task_id,)
+    )
+    return await cursor.fetchone()
+
+
+async def oldest_pending_task(conn: psycopg.AsyncConnection[Any], item_id: int) -> int | None:
+    cursor = await conn.execute(
+        "SELECT id FROM moderation_results WHERE item_id = %s AND status = 'pending'"
+        " ORDER BY id LIMIT 1",
+        (item_id,),
+    )
+    row = await cursor.fetchone()
+    return None if row is None else int(row["id"])
+
+
+async def complete_task(
+    conn: psycopg.AsyncConnection[Any],
+    task_id: int,
+    *,
+    is_violation: bool,
+    probability: float,
+    model_version: str,
+    attempts: int,
+) -> bool:
+    """Record a result; only a pending task changes, so a duplicate delivery changes nothing."""
+    cursor = await conn.execute(
+        "UPDATE moderation_results SET status = 'completed', is_violation = %s, probability = %s,"
+        " model_version = %s, attempts = %s, processed_at = now()"
+        " WHERE id = %s AND status = 'pending'",
+        (is_violation, probability, model_version, attempts, task_id),
+    )
+    return cursor.rowcount == 1
+
+
+async def fail_task(
+    conn: psycopg.AsyncConnection[Any], task_id: int, *, error_message: str, attempts: int
+) -> bool:
+    cursor = await conn.execute(
+        "UPDATE moderation_results SET status = 'failed', error_message = %s, attempts = %s,"
+        " processed_at = now() WHERE id = %s AND status = 'pending'",
+        (error_message, attempts, task_id),
+    )
+    return cursor.rowcount == 1
+
+
+async def insert_outbox(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    task_id: int,
+    topic: str,
+    key: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+) -> int:
+    cursor = await conn.execute(
+        "INSERT INTO outbox (task_id, topic, key, payload, headers) VALUES (%s, %s, %s, %s, %s)"
+        " RETURNING id",
+        (task_id, topic, key, Jsonb(payload), Jsonb(headers)),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+async def lock_unpublished(
+    conn: psycopg.AsyncConnection[Any], *, limit: int, older_than_seconds: float
+) -> list[dict[str, Any]]:
+    """Unpublished outbox rows, locked so that several relays never publish the same row."""
+    cursor = await conn.execute(
+        "SELECT id, task_id, topic, key, payload, headers FROM outbox"
+        " WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => %s)"
+        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        (older_than_seconds, limit),
+    )
+    return await cursor.fetchall()
+
+
+async def mark_published(conn: psycopg.AsyncConnection[Any], outbox_ids: list[int]) -> None:
+    if outbox_ids:
+        await conn.execute(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY(%s) AND published_at IS NULL",
+            (outbox_ids,),
+        )

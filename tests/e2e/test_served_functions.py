@@ -36,9 +36,14 @@ def served_predict(postgres_url: str) -> Iterator[tuple[str, subprocess.Popen[by
         assert process.poll() is None, "functions-framework exited at start"
         yield base, process
     finally:
+        # SIGTERM, not SIGKILL: a killed gunicorn master leaves its workers running.
         if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 def test_served_predict_answers_over_http_with_two_workers(served_predict, postgres_url) -> None:

@@ -1,0 +1,35 @@
+"""async_predict: accept an ad for moderation; the answer comes later from get_result."""
+
+from __future__ import annotations
+
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import http, scoring, tasks
+from shared.config import settings_or_exit
+from shared.schemas import TaskAccepted
+
+settings_or_exit()
+
+
+async def accept(request: Request) -> TaskAccepted:
+    item_id = await http.parse_item_id(request)
+    return await tasks.accept(item_id, request.headers.get("idempotency-key"))
+
+
+async def relay(request: Request) -> dict[str, int]:
+    """For a scheduler (Cloud Scheduler, CronJob): publish what the outbox still holds."""
+    return {"published": await tasks.relay_once()}
+
+
+router = http.Router(
+    http.Route("POST", "/async_predict", accept),
+    http.Route("POST", "/outbox/relay", relay),
+    *http.health_routes(database=scoring.database_ready),
+)
+
+
+@functions_framework.aio.http
+async def async_predict(request: Request) -> Response:
+    return await router.handle(request)

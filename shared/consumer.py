@@ -1,0 +1,145 @@
+"""The moderation consumer's rules: score a queued ad, or retry it, or dead-letter it.
+
+`handle()` returns only once the outcome is durable (task row updated, or the record
+acknowledged on the retry / dead-letter topic); anything else raises, and the caller answers
+5xx so the record is delivered again. Updates only ever touch pending tasks, so a
+duplicate delivery never changes a finished task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from shared import db, repository
+from shared.config import get_settings
+from shared.errors import (
+    InvalidMessage,
+    ItemNotFound,
+    ModerationError,
+    Outcome,
+    ScoringFailed,
+    TaskNotFound,
+)
+from shared.kafka import get_publisher
+from shared.messages import (
+    Message,
+    Origin,
+    dead_letter_record,
+    now,
+    origin_of,
+    parse_message,
+    raw_bytes,
+    retry_record,
+)
+from shared.model import get_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delivery:
+    """One delivery of one record, and what is known about it so far."""
+
+    raw: bytes
+    origin: Origin
+    message: Message | None = None
+    task_id: int | None = None
+
+
+def retry_delay(retry_count: int) -> timedelta:
+    """Exponential backoff with a cap: base, 2*base, 4*base, ... at most max."""
+    settings = get_settings()
+    seconds = settings.retry_backoff_base_seconds * (2**retry_count)
+    return timedelta(seconds=min(seconds, settings.retry_backoff_max_seconds))
+
+
+async def handle(data: Any, attributes: dict[str, Any]) -> str:
+    """Process one delivered record; returns what happened (for logs and tests)."""
+    delivery = Delivery(raw=raw_bytes(data), origin=origin_of(attributes))
+    try:
+        delivery.message = parse_message(delivery.raw)
+        delivery.task_id = delivery.message.task_id
+        return await _score(delivery)
+    except ModerationError as error:
+        return await _on_failure(delivery, error)
+    except Exception as error:  # a bug: retried like a temporary error, never lost
+        log.exception("unexpected error while moderating")
+        return await _on_failure(
+            delivery, ScoringFailed(f"unexpected error: {error!r}"), temporary=True
+        )
+
+
+async def _score(delivery: Delivery) -> str:
+    message = delivery.message
+    assert message is not None
+    model = get_model()
+    async with db.connection() as conn:
+        if delivery.task_id is None:
+            # A seed producer's record: attach to the item's oldest pending task, or make one.
+            delivery.task_id = await repository.oldest_pending_task(conn, message.item_id)
+            if delivery.task_id is None:
+                delivery.task_id, _ = await repository.insert_task(conn, message.item_id, None)
+        task = await repository.get_task(conn, delivery.task_id)
+        if task is None:
+            raise TaskNotFound(f"Task {delivery.task_id} not found")
+        if task["status"] != "pending":
+            return "duplicate"
+        if task["item_id"] != message.item_id:
+            raise InvalidMessage(f"task {delivery.task_id} is for item {task['item_id']}")
+        ad = await repository.get_ad(conn, message.item_id)
+        if ad is None:
+            raise ItemNotFound(f"Item {message.item_id} not found")
+        (score,) = model.score([ad])
+        updated = await repository.complete_task(
+            conn,
+            delivery.task_id,
+            is_violation=score.is_violation,
+            probability=score.probability,
+            model_version=model.version,
+            attempts=message.retry_count + 1,
+        )
+    return "completed" if updated else "duplicate"
+
+
+async def _on_failure(delivery: Delivery, error: ModerationError, temporary: bool = False) -> str:
+    settings = get_settings()
+    publisher = get_publisher()
+    message = delivery.message
+    retry_count = message.retry_count if message else 0
+    temporary = temporary or error.outcome is Outcome.RETRY
+    reason = str(error.detail_value)
+
+    if temporary and message is not None and retry_count < settings.max_retries:
+        due_at = now() + retry_delay(retry_count)
+        record = retry_record(settings.retry_topic, message, delivery.task_id, due_at)
+        await publisher.publish_or_raise([record], settings.durable_publish_wait_seconds)
+        log.info(
+            "task %s: %s; retry %d due at %s", delivery.task_id, reason, retry_count + 1, due_at
+        )
+        return "retried"
+
+    if temporary:
+        reason = f"{reason} (gave up after {retry_count} retries)"
+    # Dead-letter first, then fail the task: if the update cannot be made now, the record is
+    # delivered again and the task is failed then (the dead letter may repeat, never vanish).
+    dead_letter = dead_letter_record(
+        settings.dlq_topic,
+        raw=delivery.raw,
+        error=reason,
+        error_class=(Outcome.RETRY if temporary else Outcome.DEAD_LETTER).value,
+        retry_count=retry_count,
+        origin=delivery.origin,
+        task_id=delivery.task_id,
+        item_id=message.item_id if message else None,
+    )
+    await publisher.publish_or_raise([dead_letter], settings.durable_publish_wait_seconds)
+    if delivery.task_id is not None and not isinstance(error, TaskNotFound):
+        async with db.connection() as conn:
+            await repository.fail_task(
+                conn, delivery.task_id, error_message=reason, attempts=retry_count + 1
+            )
+    log.warning("task %s dead-lettered: %s", delivery.task_id, reason)
+    return "dead-lettered"

@@ -1,0 +1,234 @@
+"""Kafka topic creation and the client configs every process uses.
+
+Plain functions, no dependency on other project modules, so the dev stack, the
+tests and the functions all build their clients the same way. The settings are
+tuned for the embedded Tansu broker (see `moderation.embedded_kafka`) and are
+valid for a real Kafka cluster too, except where a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+__all__ = [
+    "DEFAULT_PARTITIONS",
+    "KafkaSetupError",
+    "admin_config",
+    "consumer_config",
+    "ensure_topics",
+    "producer_config",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 3
+
+# Kafka's own rule for topic names. Tansu accepts anything (even "a/b" or 0
+# partitions), so a typo would only fail later on a real cluster: check here.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+# How long a client waits for a TCP connection before giving up on a broker.
+# librdkafka's default is 30 s, which turns "broker down" into a 30 s hang.
+_CONNECT_TIMEOUT_MS = 5_000
+
+# Cap on the reconnect backoff. librdkafka's default grows to 10 s, so after a
+# broker restart clients would sit idle for up to 10 s before trying again.
+_RECONNECT_BACKOFF_MAX_MS = 1_000
+
+
+class KafkaSetupError(RuntimeError):
+    """Topics could not be listed or created (broker down, refused, timed out)."""
+
+
+def admin_config(bootstrap_servers: str) -> dict[str, Any]:
+    """Config for an `AdminClient` (topic creation, metadata)."""
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        # Fail a dead bootstrap address within seconds instead of the 30 s default.
+        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
+        # Come back quickly after a broker restart (default backoff grows to 10 s).
+        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
+    }
+
+
+def producer_config(bootstrap_servers: str) -> dict[str, Any]:
+    """Config for a `Producer`: idempotent, acks=all, failures surface in ~10 s.
+
+    With the embedded broker, a producer that lived through a broker restart is
+    broken for good (fatal `UNKNOWN_PRODUCER_ID`, or every message failing with
+    `_MSG_TIMED_OUT`): close it and build a new one from this config.
+    """
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        # Retries never duplicate or reorder records within a partition.
+        "enable.idempotence": True,
+        # Implied by idempotence; spelled out because durability depends on it.
+        "acks": "all",
+        # Batch for at most 5 ms (librdkafka's default, but Java's is 0): a
+        # moderation decision is not latency-critical to the millisecond.
+        "linger.ms": 5,
+        # A record that cannot be delivered fails after 10 s instead of the
+        # 300 s default, so callers see a broker outage while it matters.
+        "message.timeout.ms": 10_000,
+        # One stuck request is retried well inside message.timeout.ms (default 30 s).
+        "request.timeout.ms": 5_000,
+        # Fail a dead broker address within seconds instead of 30 s.
+        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
+        # Reconnect quickly after a broker restart (default backoff grows to 10 s).
+        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
+    }
+
+
+def consumer_config(bootstrap_servers: str, group_id: str) -> dict[str, Any]:
+    """Config for a `Consumer` in group `group_id`; commit offsets yourself.
+
+    Also the config for a consumer that uses `assign()` without a group: the
+    client still needs a group.id, and the timings below are then unused.
+
+    The group timings suit the embedded broker. A real Kafka cluster refuses a
+    session.timeout.ms below its group.min.session.timeout.ms (6 s by default)
+    with INVALID_SESSION_TIMEOUT; override those two keys there.
+    """
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group_id,
+        # Commit only after a record is handled (at-least-once); auto-commit
+        # would commit records that were fetched but not yet processed.
+        "enable.auto.commit": False,
+        # A new group starts from the oldest record. Never "latest": Tansu
+        # reports a wrong end offset, so "latest" can skip or replay records.
+        "auto.offset.reset": "earliest",
+        # Tansu answers a fetch only after fetch.wait.max.ms even when data is
+        # there (default 500 ms); 25 ms keeps delivery latency low while a
+        # polling consumer costs the broker ~40 fetches/s per partition leader.
+        "fetch.wait.max.ms": 25,
+        # Tansu's group join takes about session.timeout.ms / 2 (23 s with the
+        # 45 s default); 2 s gives a ~1 s join and a quick failover.
+        "session.timeout.ms": 2_000,
+        # Must be well below session.timeout.ms (default 3 s would exceed it).
+        "heartbeat.interval.ms": 500,
+        # Leave the group if a poll loop stalls for 10 s (default 5 min), so a
+        # hung worker's partitions move on; batches must be handled within it.
+        "max.poll.interval.ms": 10_000,
+        # Eager range only: cooperative-sticky stalls on Tansu, and the default
+        # list "range,roundrobin" would let one member pick another strategy.
+        "partition.assignment.strategy": "range",
+        # Fail a dead broker address within seconds instead of 30 s.
+        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
+        # Reconnect quickly after a broker restart (default backoff grows to 10 s).
+        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
+    }
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: Mapping[str, int] | Iterable[str],
+    partitions: int = DEFAULT_PARTITIONS,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    `topics` maps name -> partition count, or is a list of names that all get
+    `partitions`. Existing topics are left alone (a different partition count
+    is only logged: shrinking is impossible and growing is an operator's call).
+    Safe to call again, concurrently too, e.g. after a broker came back empty.
+    Raises `KafkaSetupError` if the broker does not answer or refuses a topic
+    within `timeout` seconds in total, `ValueError` for an invalid request.
+    """
+    wanted = _wanted_partitions(topics, partitions)
+    deadline = time.monotonic() + timeout
+    admin = AdminClient(admin_config(bootstrap_servers))
+
+    # list_topics() without a topic argument does not auto-create anything
+    # (list_topics(topic=X) would create X with the broker's default count).
+    existing = _existing_topics(admin, bootstrap_servers, deadline)
+    for name, count in wanted.items():
+        if name in existing and existing[name] != count:
+            log.warning(
+                "topic %s exists with %d partitions, %d requested; leaving it",
+                name,
+                existing[name],
+                count,
+            )
+    # Replication is left to the broker's default.replication.factor (1 on Tansu).
+    missing = [NewTopic(n, num_partitions=c) for n, c in wanted.items() if n not in existing]
+    if not missing:
+        return []
+
+    remaining = _remaining(deadline)
+    futures = admin.create_topics(missing, operation_timeout=remaining, request_timeout=remaining)
+    created: list[str] = []
+    failures: list[str] = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=_remaining(deadline))
+        except KafkaException as exc:
+            error = exc.args[0]
+            # Someone else (another process, a consumer's auto-create) won the race.
+            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            failures.append(f"{name}: {error}")
+        except TimeoutError:
+            failures.append(f"{name}: no answer within {timeout:g} s")
+        else:
+            created.append(name)
+    if failures:
+        raise KafkaSetupError(
+            f"could not create Kafka topics on {bootstrap_servers}: " + "; ".join(failures)
+        )
+
+    # A real cluster may answer CreateTopics before its metadata shows the
+    # topic; wait until it does so that callers can produce right away.
+    while missing_now := set(created) - set(_existing_topics(admin, bootstrap_servers, deadline)):
+        if time.monotonic() >= deadline:
+            raise KafkaSetupError(
+                f"topics {sorted(missing_now)} created on {bootstrap_servers} "
+                f"but not visible in metadata within {timeout:g} s"
+            )
+        time.sleep(0.05)
+    log.info("created Kafka topics %s on %s", created, bootstrap_servers)
+    return created
+
+
+def _wanted_partitions(
+    topics: Mapping[str, int] | Iterable[str], partitions: int
+) -> dict[str, int]:
+    """Normalise `topics` to name -> partitions and validate it."""
+    if isinstance(topics, str):
+        # A bare string is iterable too and would become one topic per letter.
+        raise TypeError("topics must be a mapping or an iterable of names, not a str")
+    wanted = dict(topics) if isinstance(topics, Mapping) else dict.fromkeys(topics, partitions)
+    for name, count in wanted.items():
+        if not _TOPIC_NAME.fullmatch(name) or name in {".", ".."}:
+            raise ValueError(f"invalid Kafka topic name {name!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"topic {name!r}: partitions must be an int >= 1, got {count!r}")
+    return wanted
+
+
+def _existing_topics(admin: AdminClient, bootstrap_servers: str, deadline: float) -> dict[str, int]:
+    """Name -> partition count of the topics the broker has now."""
+    try:
+        metadata = admin.list_topics(timeout=_remaining(deadline))
+    except KafkaException as exc:
+        raise KafkaSetupError(
+            f"Kafka at {bootstrap_servers} did not answer a metadata request: {exc.args[0]}"
+        ) from exc
+    return {
+        name: len(meta.partitions)
+        for name, meta in metadata.topics.items()
+        # A topic can be listed with an error (e.g. being deleted): treat it as absent.
+        if meta.error is None
+    }
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline`, floored so librdkafka gets a usable timeout."""
+    return max(deadline - time.monotonic(), 0.1)
