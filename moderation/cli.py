@@ -100,6 +100,27 @@ def adapter(sink: str, group: str) -> None:
     pushers.stop()
 
 
+@main.command("dlq-recorder")
+@click.option("--group", default="moderation-dlq-recorder", show_default=True)
+def dlq_recorder(group: str) -> None:
+    """Mark every dead-lettered task `failed` (also those the consumer could not mark)."""
+    from moderation.dead_letters import DeadLetterRecorder
+
+    settings = get_settings()
+    recorder = DeadLetterRecorder(
+        require_bootstrap_servers(),
+        require_database_url(settings.database_url),
+        settings.dlq_topic,
+        group,
+    )
+    thread = threading.Thread(target=recorder.run, name="dlq-recorder", daemon=True)
+    thread.start()
+    click.echo(f"recording dead letters of {settings.dlq_topic}")
+    wait_for_stop_signal()
+    recorder.stop()
+    thread.join(10)
+
+
 @main.command()
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between passes.")
 @click.option("--once", is_flag=True, help="One pass, then exit.")

@@ -1,5 +1,6 @@
 """The dev stack: embedded PostgreSQL and broker, migrations, topics, demo data, the four
-functions, the push adapter, the outbox relay, and a gateway serving every route on one port."""
+functions, the push adapter, the outbox relay, the dead-letter recorder, and a gateway serving
+every route on one port."""
 
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ class DevStack:
             self.urls[target] = url
         self.spawn("adapter", moderation_command("adapter", "--sink", self.urls[CONSUMER]))
         self.spawn("relay", moderation_command("relay"))
+        self.spawn("dlq-recorder", moderation_command("dlq-recorder"))
         backends = [f"--backend={name}={self.urls[name]}" for name in HTTP_FUNCTIONS]
         gateway = moderation_command("gateway", "--host", self.host, "--port", str(self.port))
         self.spawn("gateway", [*gateway, *backends], f"http://{self.host}:{self.port}/health")

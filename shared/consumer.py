@@ -16,6 +16,7 @@ from typing import Any
 from shared import db, repository
 from shared.config import get_settings
 from shared.errors import (
+    DatabaseUnavailable,
     InvalidMessage,
     ItemNotFound,
     ModerationError,
@@ -123,8 +124,8 @@ async def _on_failure(delivery: Delivery, error: ModerationError, temporary: boo
 
     if temporary:
         reason = f"{reason} (gave up after {retry_count} retries)"
-    # Dead-letter first, then fail the task: if the update cannot be made now, the record is
-    # delivered again and the task is failed then (the dead letter may repeat, never vanish).
+    # The dead letter is the durable outcome: once it is acknowledged, the task will be failed,
+    # here or (if the database is down now) by the dead-letter recorder.
     dead_letter = dead_letter_record(
         settings.dlq_topic,
         raw=delivery.raw,
@@ -136,10 +137,13 @@ async def _on_failure(delivery: Delivery, error: ModerationError, temporary: boo
         item_id=message.item_id if message else None,
     )
     await publisher.publish_or_raise([dead_letter], settings.durable_publish_wait_seconds)
-    if delivery.task_id is not None and not isinstance(error, TaskNotFound):
-        async with db.connection() as conn:
-            await repository.fail_task(
-                conn, delivery.task_id, error_message=reason, attempts=retry_count + 1
-            )
     log.warning("task %s dead-lettered: %s", delivery.task_id, reason)
+    if delivery.task_id is not None and not isinstance(error, TaskNotFound):
+        try:
+            async with db.connection() as conn:
+                await repository.fail_task(
+                    conn, delivery.task_id, error_message=reason, attempts=retry_count + 1
+                )
+        except DatabaseUnavailable:
+            log.warning("task %s: left for the dead-letter recorder to fail", delivery.task_id)
     return "dead-lettered"

@@ -100,11 +100,14 @@ class Publisher:
         if not all(await self.publish(records, wait_seconds)):
             raise BrokerUnavailable()
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float = 5.0) -> None:
+        """Deliver what is queued for up to wait_seconds; drop the rest (the outbox keeps it)."""
         with self._lock:
             producer, self._producer = self._producer, None
         if producer is not None:
-            producer.flush(5)
+            if producer.flush(wait_seconds):
+                producer.purge()
+                producer.flush(0)
 
 
 def _is_fatal(error: Exception) -> bool:
@@ -126,6 +129,8 @@ def get_publisher() -> Publisher:
         raise BrokerUnavailable()
     with _publisher_lock:
         if _publisher is None or _publisher.bootstrap_servers != bootstrap:
+            if _publisher is not None:
+                _publisher.close(wait_seconds=0)
             _publisher = Publisher(bootstrap)
         return _publisher
 
@@ -135,4 +140,4 @@ def reset() -> None:
     with _publisher_lock:
         publisher, _publisher = _publisher, None
     if publisher is not None:
-        publisher.close()
+        publisher.close(wait_seconds=0)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from confluent_kafka import OFFSET_BEGINNING
 from functions_framework import create_app
 from starlette.testclient import TestClient
 
+from moderation.embedded_kafka import EmbeddedKafka
 from moderation.embedded_postgres import EmbeddedPostgres
 from moderation.migrate import apply_migrations
-from shared import config, db, model
+from shared import config, db, kafka, model
+from shared.kafka_admin import consumer_config, ensure_topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO_ROOT / "functions"
@@ -25,9 +31,12 @@ def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test reads settings and loads the model anew, as a fresh process would."""
     for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "MODEL_PATH", "MAX_RETRIES"):
         monkeypatch.delenv(name, raising=False)
+    # Retries come quickly in tests; the backoff itself is tested on its own.
+    monkeypatch.setenv("RETRY_BACKOFF_BASE_SECONDS", "0.1")
     config.get_settings.cache_clear()
     model.reset()
     yield
+    kafka.reset()
     config.get_settings.cache_clear()
     model.reset()
 
@@ -104,3 +113,76 @@ def make_client() -> Iterator[Callable[[str], TestClient]]:
     for client in opened:
         client.portal.call(db.close)  # type: ignore[union-attr]
         client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """A real Kafka-protocol broker: TEST_KAFKA_BOOTSTRAP_SERVERS, or an embedded Tansu."""
+    external = os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with EmbeddedKafka() as broker:
+        yield broker.bootstrap_servers
+
+
+@dataclass(frozen=True)
+class Topics:
+    bootstrap_servers: str
+    moderation: str
+    retry: str
+    dlq: str
+
+    def read(self, topic: str, expect: int = 0, timeout: float = 10.0) -> list[Any]:
+        return read_topic(self.bootstrap_servers, topic, expect=expect, timeout=timeout)
+
+
+@pytest.fixture
+def kafka_topics(kafka_broker: str, monkeypatch: pytest.MonkeyPatch) -> Topics:
+    """Topics of this test's own on the real broker, configured for the code under test."""
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(
+        kafka_broker,
+        f"moderation-{suffix}",
+        f"moderation_retry-{suffix}",
+        f"moderation_dlq-{suffix}",
+    )
+    ensure_topics(kafka_broker, {topics.moderation: 2, topics.retry: 2, topics.dlq: 2})
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_broker)
+    monkeypatch.setenv("MODERATION_TOPIC", topics.moderation)
+    monkeypatch.setenv("RETRY_TOPIC", topics.retry)
+    monkeypatch.setenv("DLQ_TOPIC", topics.dlq)
+    config.get_settings.cache_clear()
+    return topics
+
+
+def read_topic(
+    bootstrap_servers: str, topic: str, expect: int = 0, timeout: float = 10.0
+) -> list[Any]:
+    """Every record of a topic, read from the start with assign() (no group join).
+
+    Waits until at least `expect` records arrived, then a little longer so that an unexpected
+    extra record is seen too; never longer than `timeout`.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**consumer_config(bootstrap_servers, f"test-reader-{uuid.uuid4().hex}")})
+    try:
+        metadata = consumer.list_topics(topic, timeout=5)
+        partitions = metadata.topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        quiet_until = None
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.1)
+            if message is not None and not message.error():
+                records.append(message)
+                continue
+            if len(records) >= expect:
+                quiet_until = quiet_until or time.monotonic() + 0.5
+                if time.monotonic() > quiet_until:
+                    break
+        return records
+    finally:
+        consumer.close()

@@ -1,0 +1,95 @@
+"""The dead-letter recorder: makes every dead-lettered task `failed`, even if the consumer
+could not write that itself (the database was down when it gave up).
+
+The consumer's promise when it gives up is the dead-letter record; this process keeps it:
+it commits a record's offset only once the task row says `failed` (or was already finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import orjson
+import psycopg
+
+from shared.kafka_admin import consumer_config
+
+log = logging.getLogger(__name__)
+
+_FAIL_TASK = (
+    "UPDATE moderation_results SET status = 'failed', error_message = %s, attempts = %s,"
+    " processed_at = now() WHERE id = %s AND status = 'pending'"
+)
+
+
+def record_failure(conn: psycopg.Connection[Any], value: bytes) -> bool:
+    """Fail the task a dead letter names; True if a pending task changed."""
+    try:
+        letter = orjson.loads(value)
+        task_id = int(letter["task_id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False  # a letter without a task (poison message): nothing to fail
+    error = str(letter.get("error") or "dead-lettered")
+    attempts = int(letter.get("retry_count") or 0) + 1
+    cursor = conn.execute(_FAIL_TASK, (error, attempts, task_id))
+    return cursor.rowcount == 1
+
+
+class DeadLetterRecorder:
+    def __init__(
+        self, bootstrap_servers: str, database_url: str, topic: str, group_id: str
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.database_url = database_url
+        self.topic = topic
+        self.group_id = group_id
+        self.recorded = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run()
+            except Exception:
+                log.exception("dead-letter recorder failed, starting over")
+                self._stop.wait(1.0)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id))
+        consumer.subscribe([self.topic])
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stop.is_set():
+                message = consumer.poll(0.2)
+                if message is None or message.error():
+                    continue
+                backoff = 0.2
+                while not self._stop.is_set():
+                    try:
+                        if conn is None or conn.closed:
+                            conn = psycopg.connect(
+                                self.database_url, autocommit=True, connect_timeout=5
+                            )
+                        if record_failure(conn, message.value() or b""):
+                            self.recorded += 1
+                        break
+                    except psycopg.OperationalError as error:
+                        log.warning("database not available (%s), again in %.1fs", error, backoff)
+                        conn = None
+                        self._stop.wait(backoff)
+                        consumer.poll(0)  # stay in the group meanwhile
+                        backoff = min(backoff * 2, 5.0)
+                else:
+                    return  # stopping before the task was failed: not committed
+                consumer.commit(message=message, asynchronous=True)
+        finally:
+            consumer.close()
+            if conn is not None:
+                conn.close()

@@ -1,0 +1,181 @@
+"""async_predict and get_result through functions-framework's apps, real PostgreSQL and broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import psycopg
+import pytest
+from starlette.testclient import TestClient
+
+from shared import tasks
+from shared.config import get_settings
+from tests.conftest import Topics, insert_ad
+
+pytestmark = pytest.mark.integration
+
+RESULT_KEYS = {
+    "task_id", "item_id", "status", "is_violation", "probability", "error_message", "error",
+    "created_at", "processed_at", "model_version",
+}  # fmt: skip
+
+
+@pytest.fixture
+def accept(database_url: str, kafka_topics: Topics, make_client: Callable[[str], TestClient]):
+    return make_client("async_predict")
+
+
+@pytest.fixture
+def results(database_url: str, make_client: Callable[[str], TestClient]) -> TestClient:
+    return make_client("get_result")
+
+
+def outbox_rows(database_url: str, task_id: int) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT topic, published_at IS NOT NULL FROM outbox WHERE task_id = %s", (task_id,)
+        ).fetchall()
+
+
+@pytest.mark.parametrize("style", ["query", "json"])
+def test_async_predict_accepts_stored_item_and_publishes_one_seed_format_record(
+    accept: TestClient, results: TestClient, database_url: str, kafka_topics: Topics, style: str
+) -> None:
+    ad = insert_ad(database_url)
+    if style == "query":
+        response = accept.post("/moderation/async_predict", params={"item_id": ad["item_id"]})
+    else:
+        response = accept.post("/async_predict", json={"item_id": ad["item_id"]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body == {
+        "task_id": body["task_id"],
+        "status": "pending",
+        "message": "Moderation request accepted",
+    }
+    task_id = body["task_id"]
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
+
+    (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
+    value = orjson.loads(record.value())
+    assert set(value) == {"item_id", "task_id", "timestamp", "retry_count"}
+    assert (value["item_id"], value["task_id"], value["retry_count"]) == (ad["item_id"], task_id, 0)
+    assert record.key() == str(ad["item_id"]).encode()
+    headers = {k: v.decode() for k, v in record.headers()}
+    assert headers["ce_id"] == str(task_id)
+    assert headers["ce_specversion"] == "1.0"
+    assert headers["ce_type"] == "ad.moderation.requested"
+
+    pending = results.get(f"/moderation_result/{task_id}")
+    assert pending.status_code == 200
+    assert set(pending.json()) == RESULT_KEYS
+    assert pending.json()["status"] == "pending"
+    for key in ("is_violation", "probability", "error_message", "error", "processed_at"):
+        assert pending.json()[key] is None
+
+
+def test_async_predict_unknown_item_is_404_and_creates_nothing(
+    accept: TestClient, kafka_topics: Topics
+) -> None:
+    response = accept.post("/async_predict", params={"item_id": 2_000_000_002})
+    assert response.status_code == 404
+    assert "not found" in response.json()["detail"]
+    assert kafka_topics.read(kafka_topics.moderation) == []
+
+
+@pytest.mark.parametrize("params", [{"item_id": 0}, {"item_id": -1}, {"item_id": "x"}, {}])
+def test_async_predict_invalid_item_id_is_422(accept: TestClient, params: dict) -> None:
+    assert accept.post("/async_predict", params=params).status_code == 422
+
+
+def test_async_predict_same_idempotency_key_gives_the_same_task(
+    accept: TestClient, database_url: str, kafka_topics: Topics
+) -> None:
+    ad = insert_ad(database_url)
+    key = {"Idempotency-Key": f"order-{ad['item_id']}"}
+    first = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()
+    again = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()
+    other = accept.post("/async_predict", params={"item_id": ad["item_id"]}).json()
+    assert first == again
+    assert other["task_id"] != first["task_id"]
+    assert len(kafka_topics.read(kafka_topics.moderation, expect=2)) == 2
+
+
+def test_async_predict_broker_down_still_accepts_and_relay_publishes_later(
+    database_url: str,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ad = insert_ad(database_url)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("PUBLISH_WAIT_SECONDS", "0.5")
+    get_settings.cache_clear()
+    response = make_client("async_predict").post(
+        "/async_predict", params={"item_id": ad["item_id"]}
+    )
+    assert response.status_code == 200
+    task_id = response.json()["task_id"]
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, False)]
+
+    # The broker is reachable again: the relay publishes what the request could not.
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_topics.bootstrap_servers)
+    monkeypatch.setenv("RELAY_GRACE_SECONDS", "0")
+    get_settings.cache_clear()
+    relay = make_client("async_predict")
+    published = relay.post("/outbox/relay").json()["published"]
+    assert published >= 1
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
+    records = kafka_topics.read(kafka_topics.moderation, expect=1)
+    assert [orjson.loads(r.value())["task_id"] for r in records] == [task_id]
+
+
+def test_relay_leaves_fresh_rows_to_the_publish_after_commit(
+    database_url: str, kafka_topics: Topics, make_client: Callable[[str], TestClient]
+) -> None:
+    """A crash between commit and publish leaves a row the relay picks up once it is due."""
+    ad = insert_ad(database_url)
+    with psycopg.connect(database_url) as conn:  # what a crashed request leaves behind
+        (task_id,) = conn.execute(
+            "INSERT INTO moderation_results (item_id) VALUES (%s) RETURNING id", (ad["item_id"],)
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(
+            "INSERT INTO outbox (task_id, topic, key, payload) VALUES (%s, %s, %s, %s)",
+            (task_id, kafka_topics.moderation, str(ad["item_id"]),
+             orjson.dumps({"item_id": ad["item_id"], "task_id": task_id}).decode()),
+        )  # fmt: skip
+    client = make_client("async_predict")
+    client.portal.call(tasks.relay_once, 3600.0)  # type: ignore[union-attr]
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, False)]
+    client.portal.call(tasks.relay_once, 0.0)  # type: ignore[union-attr]
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
+    (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
+    assert orjson.loads(record.value())["task_id"] == task_id
+
+
+def test_async_predict_database_down_is_503(
+    make_client: Callable[[str], TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("DATABASE_TIMEOUT", "1")
+    get_settings.cache_clear()
+    response = make_client("async_predict").post("/async_predict", params={"item_id": 1})
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Database is not available"}
+    assert "nobody" not in response.text
+
+
+def test_get_result_unknown_task_is_404(results: TestClient) -> None:
+    response = results.get("/moderation_result/999999999")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Task not found"}
+
+
+@pytest.mark.parametrize("task_id", ["0", "-1", "abc", "1.5", "9223372036854775808"])
+def test_get_result_invalid_task_id_is_422(results: TestClient, task_id: str) -> None:
+    assert results.get(f"/moderation/moderation_result/{task_id}").status_code == 422
+
+
+def test_get_result_wrong_method_is_405(results: TestClient) -> None:
+    assert results.post("/moderation_result/1").status_code == 405

@@ -1,0 +1,288 @@
+"""moderation_consumer through functions-framework's app, against the real PostgreSQL and broker.
+
+Records arrive as CloudEvents in every shape a sink sees: binary mode with the project's own
+ce_ attributes, structured mode, and a plain record wrapped the way KafkaSource wraps it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+import orjson
+import psycopg
+import pytest
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent
+from starlette.testclient import TestClient
+
+from moderation.dead_letters import record_failure
+from moderation.embedded_postgres import EmbeddedPostgres
+from moderation.migrate import apply_migrations
+from shared.config import get_settings
+from tests.conftest import Topics, insert_ad
+
+pytestmark = pytest.mark.integration
+
+
+def insert_task(database_url: str, item_id: int) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO moderation_results (item_id) VALUES (%s) RETURNING id", (item_id,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def task_row(database_url: str, task_id: int) -> dict:
+    with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
+        row = conn.execute("SELECT * FROM moderation_results WHERE id = %s", (task_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def binary_event(data: dict | bytes, task_id: int | str = 1) -> tuple[dict, bytes]:
+    event = CloudEvent(
+        {"type": "ad.moderation.requested", "source": "/tests", "id": str(task_id)}, data
+    )
+    return to_binary(event)
+
+
+def kafkasource_event(value: bytes, partition: int = 0, offset: int = 7) -> tuple[dict, bytes]:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": f"partition:{partition}/offset:{offset}",
+        "ce-source": "/apis/v1/namespaces/default/kafkasources/moderation#moderation",
+        "ce-type": "dev.knative.kafka.event",
+        "ce-subject": f"partition:{partition}#{offset}",
+    }
+    return headers, value
+
+
+@pytest.fixture
+def post(
+    database_url: str, kafka_topics: Topics, make_client: Callable[[str], TestClient]
+) -> Callable[[tuple[dict, bytes]], int]:
+    client = make_client("moderation_consumer")
+
+    def send(event: tuple[dict, bytes]) -> int:
+        headers, body = event
+        return client.post("/", headers=headers, content=body).status_code
+
+    return send
+
+
+def test_consumer_completes_pending_task_and_produces_nothing(
+    post, database_url: str, kafka_topics: Topics
+) -> None:
+    ad = insert_ad(database_url, is_verified_seller=False, images_qty=0)
+    task_id = insert_task(database_url, ad["item_id"])
+    message = {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 0}
+    assert post(binary_event(message, task_id)) == 200
+    row = task_row(database_url, task_id)
+    assert row["status"] == "completed"
+    assert row["is_violation"] is True
+    assert row["probability"] == pytest.approx(0.7694, abs=1e-3)
+    assert row["model_version"] and row["processed_at"] is not None
+    assert kafka_topics.read(kafka_topics.retry) == []
+    assert kafka_topics.read(kafka_topics.dlq) == []
+
+
+def test_consumer_accepts_structured_mode(post, database_url: str) -> None:
+    ad = insert_ad(database_url)
+    task_id = insert_task(database_url, ad["item_id"])
+    event = CloudEvent(
+        {"type": "ad.moderation.requested", "source": "/tests"},
+        {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 0},
+    )
+    assert post(to_structured(event)) == 200
+    assert task_row(database_url, task_id)["status"] == "completed"
+
+
+def test_consumer_accepts_kafkasource_wrapped_seed_record_without_task_id(
+    post, database_url: str
+) -> None:
+    ad = insert_ad(database_url)
+    older = insert_task(database_url, ad["item_id"])
+    newer = insert_task(database_url, ad["item_id"])
+    value = orjson.dumps({"item_id": ad["item_id"], "timestamp": "2024-01-01T00:00:00"})
+    assert post(kafkasource_event(value)) == 200
+    assert task_row(database_url, older)["status"] == "completed"
+    assert task_row(database_url, newer)["status"] == "pending"
+
+
+def test_consumer_seed_record_for_item_without_task_creates_one(post, database_url: str) -> None:
+    ad = insert_ad(database_url)
+    assert post(kafkasource_event(orjson.dumps({"item_id": ad["item_id"]}))) == 200
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT status FROM moderation_results WHERE item_id = %s", (ad["item_id"],)
+        ).fetchall()
+    assert rows == [("completed",)]
+
+
+def test_consumer_two_pending_tasks_message_for_second_leaves_first(
+    post, database_url: str
+) -> None:
+    ad = insert_ad(database_url)
+    first = insert_task(database_url, ad["item_id"])
+    second = insert_task(database_url, ad["item_id"])
+    assert post(binary_event({"item_id": ad["item_id"], "task_id": second}, second)) == 200
+    assert task_row(database_url, second)["status"] == "completed"
+    assert task_row(database_url, first)["status"] == "pending"
+
+
+def test_consumer_missing_item_fails_task_with_one_dead_letter_and_no_retry(
+    post, database_url: str, kafka_topics: Topics
+) -> None:
+    task_id = insert_task(database_url, 2_000_000_001)
+    message = {"item_id": 2_000_000_001, "task_id": task_id, "retry_count": 0}
+    assert post(binary_event(message, task_id)) == 200
+    row = task_row(database_url, task_id)
+    assert row["status"] == "failed"
+    assert "not found" in row["error_message"]
+    (dead,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    value = orjson.loads(dead.value())
+    assert value["original_message"] == message
+    assert "not found" in value["error"]
+    assert value["retry_count"] == 0
+    assert value["error_class"] == "permanent"
+    assert value["task_id"] == task_id
+    assert kafka_topics.read(kafka_topics.retry) == []
+
+
+def test_consumer_duplicate_delivery_of_finished_task_changes_nothing(
+    post, database_url: str, kafka_topics: Topics
+) -> None:
+    ad = insert_ad(database_url)
+    task_id = insert_task(database_url, ad["item_id"])
+    message = {"item_id": ad["item_id"], "task_id": task_id}
+    assert post(binary_event(message, task_id)) == 200
+    before = task_row(database_url, task_id)
+    with psycopg.connect(database_url) as conn:  # the ad changes; a redelivery must not rescore
+        conn.execute("UPDATE advertisements SET images_qty = 9 WHERE id = %s", (ad["item_id"],))
+    assert post(binary_event(message, task_id)) == 200
+    assert task_row(database_url, task_id) == before
+    assert kafka_topics.read(kafka_topics.dlq) == []
+    assert kafka_topics.read(kafka_topics.retry) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding"),
+    [
+        (b"{this is not json", "utf-8"),
+        (b'{"task_id": 5, "retry_count": 0}', "utf-8"),
+        (b'{"item_id": "seven"}', "utf-8"),
+        (b"\xff\xfe\x00binary", "base64"),
+        (b"", "utf-8"),
+    ],
+)
+def test_consumer_poison_message_goes_to_dlq_with_raw_payload(
+    post, kafka_topics: Topics, body: bytes, encoding: str
+) -> None:
+    assert post(kafkasource_event(body, partition=1, offset=42)) == 200
+    (dead,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    value = orjson.loads(dead.value())
+    assert value["raw_payload_encoding"] == encoding
+    raw = value["raw_payload"]
+    raw_bytes = base64.b64decode(raw) if encoding == "base64" else raw.encode()
+    if value["original_message"] is None:
+        assert raw_bytes == body  # what cannot be parsed is kept byte for byte
+    else:  # JSON that is not a valid message: the CloudEvents SDK parsed it, same content
+        assert orjson.loads(raw_bytes) == orjson.loads(body) == value["original_message"]
+    assert value["error_class"] == "permanent"
+    assert (value["origin_topic"], value["origin_partition"], value["origin_offset"]) == (
+        "moderation",
+        1,
+        42,
+    )
+    assert kafka_topics.read(kafka_topics.retry) == []
+
+
+@pytest.fixture
+def outage_postgres(
+    monkeypatch: pytest.MonkeyPatch, kafka_topics: Topics
+) -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as server:
+        apply_migrations(server.url)
+        monkeypatch.setenv("DATABASE_URL", server.url)
+        monkeypatch.setenv("DATABASE_TIMEOUT", "1")
+        get_settings.cache_clear()
+        yield server
+
+
+def test_consumer_temporary_error_publishes_one_retry_and_keeps_task_pending(
+    outage_postgres: EmbeddedPostgres,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+) -> None:
+    ad = insert_ad(outage_postgres.url)
+    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    client = make_client("moderation_consumer")
+    outage_postgres.stop()
+    message = {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 0,
+               "timestamp": "2020-01-01T00:00:00+00:00"}  # fmt: skip
+    headers, body = binary_event(message, task_id)
+    assert client.post("/", headers=headers, content=body).status_code == 200
+
+    (retry,) = kafka_topics.read(kafka_topics.retry, expect=1)
+    value = orjson.loads(retry.value())
+    assert (value["item_id"], value["task_id"], value["retry_count"]) == (ad["item_id"], task_id, 1)
+    assert value["timestamp"] != message["timestamp"]
+    retry_headers = {k: v.decode() for k, v in retry.headers()}
+    assert datetime.fromisoformat(retry_headers["ce_dueat"]) > datetime.fromisoformat(
+        value["timestamp"]
+    )
+    assert kafka_topics.read(kafka_topics.dlq) == []
+    outage_postgres.start()
+    assert task_row(outage_postgres.url, task_id)["status"] == "pending"
+
+
+def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_database_is_back(
+    outage_postgres: EmbeddedPostgres,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+) -> None:
+    ad = insert_ad(outage_postgres.url)
+    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    client = make_client("moderation_consumer")
+    outage_postgres.stop()
+    message = {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 3}
+    headers, body = binary_event(message, task_id)
+    # Given up: the dead letter is the durable outcome, so the answer is 2xx.
+    assert client.post("/", headers=headers, content=body).status_code == 200
+    (dead,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    letter = orjson.loads(dead.value())
+    assert (letter["task_id"], letter["retry_count"], letter["error_class"]) == (
+        task_id,
+        3,
+        "temporary",
+    )
+    assert kafka_topics.read(kafka_topics.retry) == []
+
+    outage_postgres.start()
+    assert task_row(outage_postgres.url, task_id)["status"] == "pending"
+    with psycopg.connect(outage_postgres.url, autocommit=True) as conn:
+        assert record_failure(conn, dead.value()) is True
+        assert record_failure(conn, dead.value()) is False  # a repeated letter changes nothing
+    row = task_row(outage_postgres.url, task_id)
+    assert row["status"] == "failed"
+    assert "Database is not available" in row["error_message"]
+    assert "3 retries" in row["error_message"]
+
+
+def test_consumer_answers_500_when_retry_cannot_be_published(
+    outage_postgres: EmbeddedPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+    make_client: Callable[[str], TestClient],
+) -> None:
+    ad = insert_ad(outage_postgres.url)
+    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("DURABLE_PUBLISH_WAIT_SECONDS", "1")
+    get_settings.cache_clear()
+    client = make_client("moderation_consumer")
+    outage_postgres.stop()
+    headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
+    assert client.post("/", headers=headers, content=body).status_code == 500
