@@ -90,6 +90,7 @@ class DevStack:
     kafka_bootstrap_servers: str | None = None
     state_dir: Path = field(default_factory=_new_state_dir)
     quiet: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
@@ -143,6 +144,7 @@ class DevStack:
         assert self.database_url and self.kafka_bootstrap_servers
         return {
             **os.environ,
+            **self.extra_env,
             "DATABASE_URL": self.database_url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
         }
