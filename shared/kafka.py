@@ -1,12 +1,13 @@
 """Publishing to Kafka: one idempotent producer per process, created lazily, replaced when broken.
 
-`publish()` waits for the broker's acknowledgement of every record (or a timeout) in a worker
-thread, so an aio function's event loop never blocks on librdkafka.
+`publish()` awaits the broker's acknowledgement of each record (or a timeout) without blocking
+the event loop: a poller thread serves librdkafka's delivery callbacks and resolves futures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -29,6 +30,11 @@ _REPLACE_PRODUCER_ON = {
 }
 
 
+def _resolve(future: asyncio.Future[bool], delivered: bool) -> None:
+    if not future.done():
+        future.set_result(delivered)
+
+
 class Publisher:
     """An idempotent confluent-kafka producer that reports, per record, whether it was delivered."""
 
@@ -36,6 +42,8 @@ class Publisher:
         self.bootstrap_servers = bootstrap_servers
         self._producer: Any = None
         self._broken = False  # set by a delivery callback; the next publish replaces the producer
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _get_producer(self) -> Any:
@@ -43,57 +51,75 @@ class Publisher:
             if self._broken and self._producer is not None:
                 # Outstanding records of a broken producer are lost to it; their outbox rows
                 # stay unpublished and the relay sends them again.
-                self._producer.purge()
-                self._producer.flush(0)
+                self._drop(self._producer)
                 self._producer = None
             self._broken = False
             if self._producer is None:
                 from confluent_kafka import Producer
 
                 self._producer = Producer(producer_config(self.bootstrap_servers))
+            if self._poller is None:
+                self._poller = threading.Thread(
+                    target=self._poll_forever, name="kafka-delivery", daemon=True
+                )
+                self._poller.start()
             return self._producer
 
-    def publish_sync(self, records: Sequence[Record], wait_seconds: float) -> list[bool]:
-        """Produce every record, wait up to `wait_seconds`; True where the broker acknowledged."""
+    def _poll_forever(self) -> None:
+        while not self._closed.is_set():
+            producer = self._producer
+            if producer is None:
+                self._closed.wait(0.05)
+            else:
+                producer.poll(0.05)  # runs delivery callbacks on this thread
+
+    @staticmethod
+    def _drop(producer: Any) -> None:
+        producer.purge()
+        producer.flush(0)
+
+    async def publish(self, records: Sequence[Record], wait_seconds: float) -> list[bool]:
+        """Produce every record; True where the broker acknowledged it within wait_seconds.
+
+        A record not acknowledged in time stays queued; if it is delivered later, the relay may
+        send it once more, which the consumer's status guard makes harmless.
+        """
         if not records:
             return []
-        producer = self._get_producer()
-        delivered = [False] * len(records)
-
-        def on_delivery(index: int) -> Any:
-            def callback(error: Any, message: Any) -> None:
-                if error is None:
-                    delivered[index] = True
-                    return
-                log.warning("kafka delivery failed: %s", error)
-                if error.fatal() or error.name() in _REPLACE_PRODUCER_ON:
-                    self._broken = True
-
-            return callback
-
         from confluent_kafka import KafkaException
 
-        for index, record in enumerate(records):
+        loop = asyncio.get_running_loop()
+        producer = self._get_producer()
+        futures: list[asyncio.Future[bool]] = []
+        for record in records:
+            future: asyncio.Future[bool] = loop.create_future()
+            futures.append(future)
             try:
                 producer.produce(
                     record.topic,
                     key=record.key.encode(),
                     value=record.value,
                     headers=list(record.headers.items()),
-                    on_delivery=on_delivery(index),
+                    on_delivery=self._callback(loop, future),
                 )
             except (KafkaException, BufferError) as error:
                 log.warning("kafka produce failed: %s", error)
                 self._broken = self._broken or _is_fatal(error)
-                break
-            producer.poll(0)
-        # Records not acknowledged in time stay queued; if they are delivered later, the relay
-        # may send them once more, which the consumer's status guard makes harmless.
-        producer.flush(wait_seconds)
-        return delivered
+                future.set_result(False)
+        await asyncio.wait(futures, timeout=wait_seconds)
+        return [future.done() and future.result() for future in futures]
 
-    async def publish(self, records: Sequence[Record], wait_seconds: float) -> list[bool]:
-        return await asyncio.to_thread(self.publish_sync, records, wait_seconds)
+    def _callback(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool]) -> Any:
+        def on_delivery(error: Any, message: Any) -> None:
+            if error is not None:
+                log.warning("kafka delivery failed: %s", error)
+                if error.fatal() or error.name() in _REPLACE_PRODUCER_ON:
+                    self._broken = True
+            # RuntimeError: the requesting event loop is gone, so nobody waits any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, future, error is None)
+
+        return on_delivery
 
     async def publish_or_raise(self, records: Sequence[Record], wait_seconds: float) -> None:
         """For outcomes that must be durable before answering: all records, or BrokerUnavailable."""
@@ -102,12 +128,11 @@ class Publisher:
 
     def close(self, wait_seconds: float = 5.0) -> None:
         """Deliver what is queued for up to wait_seconds; drop the rest (the outbox keeps it)."""
+        self._closed.set()
         with self._lock:
             producer, self._producer = self._producer, None
-        if producer is not None:
-            if producer.flush(wait_seconds):
-                producer.purge()
-                producer.flush(0)
+        if producer is not None and producer.flush(wait_seconds):
+            self._drop(producer)
 
 
 def _is_fatal(error: Exception) -> bool:
