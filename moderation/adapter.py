@@ -106,7 +106,14 @@ class TopicPusher:
     def _run(self) -> None:
         from confluent_kafka import Consumer
 
-        consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id))
+        consumer = Consumer(
+            {
+                **consumer_config(self.bootstrap_servers, self.group_id),
+                # A subscribed topic that vanished (a memory-only broker restarted) is looked
+                # for again within seconds, not after the default five minutes.
+                "topic.metadata.refresh.interval.ms": 2000,
+            }
+        )
         consumer.subscribe([self.topic])
         try:
             with httpx.Client(timeout=self.request_timeout) as client:
@@ -122,63 +129,103 @@ class TopicPusher:
             consumer.close()
 
     def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
+        headers, body = cloudevent_request(message, self.source)
+        due = due_time(message) if self.honour_due_time else None
+        tried = due is None or datetime.now(UTC) >= due
+        if tried and self._post(client, message, headers, body):
+            # The fast path: nothing paused, so what was fetched behind this record stays.
+            self._commit(consumer, message)
+            return
+        # The record must wait (its due time, or a failing sink). Pause every partition this
+        # consumer owns and keep polling, so it stays in its group and hands out nothing else
+        # meanwhile; then start again exactly where each partition was.
         from confluent_kafka import TopicPartition
 
-        partition = TopicPartition(message.topic(), message.partition())
-        # While this record waits (due time, or a failing sink), its partition is paused and
-        # the consumer keeps polling, so it stays in its group and nothing behind it is read.
-        consumer.pause([partition])
+        owned = consumer.assignment()
+        positions = consumer.position(owned)
+        consumer.pause(owned)
+        delivered = False
         try:
-            if self.honour_due_time:
-                due = due_time(message)
-                while due and datetime.now(UTC) < due and not self._stop.is_set():
-                    consumer.poll(min(0.2, (due - datetime.now(UTC)).total_seconds()))
-            if not self._deliver(consumer, client, message):
-                return  # stopping: not committed, so it is delivered again after a restart
-            consumer.commit(message=message, asynchronous=True)
-            self.delivered += 1
+            while due and datetime.now(UTC) < due and not self._stop.is_set():
+                self._idle_poll(consumer, min(0.2, (due - datetime.now(UTC)).total_seconds()))
+            delivered = self._deliver_with_backoff(
+                consumer, client, message, headers, body, wait_first=tried
+            )
+            if delivered:
+                self._commit(consumer, message)
         finally:
-            self._resume(consumer, message)
+            again = TopicPartition(message.topic(), message.partition(), message.offset())
+            next_offset = message.offset() + 1 if delivered else message.offset()
+            for position in positions:
+                if (position.topic, position.partition) == (again.topic, again.partition):
+                    position.offset = next_offset
+            self._resume(consumer, owned, positions)
 
-    def _resume(self, consumer: Any, message: Any) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
+    def _commit(self, consumer: Any, message: Any) -> None:
+        consumer.commit(message=message, asynchronous=True)
+        self.delivered += 1
 
-        # Continue right after this record (or at it, if it was not delivered): pausing
-        # dropped what had been fetched behind it.
-        done = not self._stop.is_set()
-        next_offset = message.offset() + (1 if done else 0)
-        partition = TopicPartition(message.topic(), message.partition(), next_offset)
+    def _idle_poll(self, consumer: Any, seconds: float) -> None:
+        """Serve the group protocol while paused; a record that still arrives (a partition
+        assigned meanwhile) is put back, never dropped."""
+        from confluent_kafka import TopicPartition
+
+        message = consumer.poll(max(seconds, 0))
+        if message is not None and not message.error():
+            consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+
+    def _resume(self, consumer: Any, owned: list[Any], positions: list[Any]) -> None:
+        from confluent_kafka import KafkaException
+
         try:
-            consumer.seek(partition)
-            consumer.resume([partition])
+            for position in positions:
+                if position.offset >= 0:
+                    consumer.seek(position)
+            consumer.resume(owned)
         except KafkaException as error:
-            # The partition was revoked meanwhile: its new owner starts at the committed offset.
-            log.info("%s[%d]: not resumed: %s", self.topic, message.partition(), error)
+            # Partitions revoked meanwhile: their new owner starts at the committed offsets.
+            log.info("%s: not resumed: %s", self.topic, error)
 
-    def _deliver(self, consumer: Any, client: httpx.Client, message: Any) -> bool:
-        headers, body = cloudevent_request(message, self.source)
+    def _post(
+        self, client: httpx.Client, message: Any, headers: dict[str, str], body: bytes
+    ) -> bool:
+        try:
+            response = client.post(self.sink_url, headers=headers, content=body)
+        except httpx.HTTPError as error:
+            log.warning("%s: sink unreachable: %s", self.topic, error)
+            return False
+        if 200 <= response.status_code < 300:
+            return True
+        log.warning(
+            "%s[%d]@%d: sink answered %d",
+            message.topic(), message.partition(), message.offset(), response.status_code,
+        )  # fmt: skip
+        return False
+
+    def _deliver_with_backoff(
+        self,
+        consumer: Any,
+        client: httpx.Client,
+        message: Any,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> bool:
+        """POST until a 2xx (True) or until stopped (False); never skips the record."""
         backoff = self.backoff_initial
         while not self._stop.is_set():
-            try:
-                response = client.post(self.sink_url, headers=headers, content=body)
-                if 200 <= response.status_code < 300:
-                    return True
-                log.warning(
-                    "%s[%d]@%d: sink answered %d, delivering again in %.1f s",
-                    message.topic(), message.partition(), message.offset(),
-                    response.status_code, backoff,
-                )  # fmt: skip
-            except httpx.HTTPError as error:
-                log.warning("%s: sink unreachable (%s), again in %.1fs", self.topic, error, backoff)
+            if self._post(client, message, headers, body):
+                return True
             deadline = time.monotonic() + backoff
             while time.monotonic() < deadline and not self._stop.is_set():
-                consumer.poll(0.1)
+                self._idle_poll(consumer, 0.1)
             backoff = min(backoff * 2, self.backoff_max)
         return False
 
 
 class Adapter:
-    """The moderation topic and the retry topic, each consumed by its own pusher thread."""
+    """The moderation topic and the retry topic, each consumed by `concurrency` pushers in one
+    consumer group: each pusher owns some partitions, so order within a partition holds while
+    partitions are pushed in parallel (KafkaSource's "ordered" delivery)."""
 
     def __init__(
         self,
@@ -187,18 +234,23 @@ class Adapter:
         topic: str,
         retry_topic: str,
         group_id: str = "moderation-consumer",
+        concurrency: int = 4,
     ) -> None:
         self.pushers = [
-            TopicPusher(bootstrap_servers, topic, sink_url, group_id),
+            TopicPusher(bootstrap_servers, topic, sink_url, group_id) for _ in range(concurrency)
+        ] + [
             TopicPusher(
                 bootstrap_servers, retry_topic, sink_url, f"{group_id}-retry", honour_due_time=True
-            ),
+            )
+            for _ in range(concurrency)
         ]
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for pusher in self.pushers:
-            thread = threading.Thread(target=pusher.run, name=f"push-{pusher.topic}", daemon=True)
+        for number, pusher in enumerate(self.pushers):
+            thread = threading.Thread(
+                target=pusher.run, name=f"push-{pusher.topic}-{number}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 

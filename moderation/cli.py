@@ -86,13 +86,24 @@ def demo_data(database_url: str | None) -> None:
 @main.command()
 @click.option("--sink", required=True, envvar="K_SINK", help="The consumer function's URL.")
 @click.option("--group", default="moderation-consumer", show_default=True)
-def adapter(sink: str, group: str) -> None:
+@click.option(
+    "--concurrency",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Pushers per topic; partitions are shared among them. [default: TOPIC_PARTITIONS]",
+)
+def adapter(sink: str, group: str, concurrency: int | None) -> None:
     """Push Kafka records to the consumer function as CloudEvents (KafkaSource semantics)."""
     from moderation.adapter import Adapter
 
     settings = get_settings()
     pushers = Adapter(
-        require_bootstrap_servers(), sink, settings.moderation_topic, settings.retry_topic, group
+        require_bootstrap_servers(),
+        sink,
+        settings.moderation_topic,
+        settings.retry_topic,
+        group,
+        concurrency or settings.topic_partitions,
     )
     pushers.start()
     click.echo(f"pushing {settings.moderation_topic}, {settings.retry_topic} to {sink}")

@@ -62,7 +62,14 @@ class DeadLetterRecorder:
     def _run(self) -> None:
         from confluent_kafka import Consumer
 
-        consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id))
+        consumer = Consumer(
+            {
+                **consumer_config(self.bootstrap_servers, self.group_id),
+                # A subscribed topic that vanished (a memory-only broker restarted) is looked
+                # for again within seconds, not after the default five minutes.
+                "topic.metadata.refresh.interval.ms": 2000,
+            }
+        )
         consumer.subscribe([self.topic])
         conn: psycopg.Connection[Any] | None = None
         try:

@@ -112,6 +112,9 @@ def _die_with_parent() -> Callable[[], None] | None:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
+    # int prctl(int option, unsigned long arg2, ...): declared so arg2 is passed full width.
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
     parent = os.getpid()
 
     def preexec() -> None:

@@ -65,6 +65,7 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
         return Response(upstream.content, upstream.status_code, headers=response_headers)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
