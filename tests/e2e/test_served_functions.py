@@ -66,14 +66,18 @@ def test_served_predict_stops_on_sigterm(served_predict) -> None:
     assert process.wait(timeout=15) is not None
 
 
-def test_function_module_import_opens_nothing() -> None:
+@pytest.mark.parametrize(
+    "target", ["predict", "async_predict", "get_result", "moderation_consumer"]
+)
+def test_function_module_import_opens_nothing(target: str) -> None:
     """functions-framework imports main.py before forking: no threads, no ORT, no pool yet."""
     code = (
         "import sys, threading, runpy\n"
-        "runpy.run_path('functions/predict/main.py')\n"
+        f"runpy.run_path('functions/{target}/main.py')\n"
         "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'\n"
-        "from shared import db, model\n"
-        "assert db._pool is None and model._model is None\n"
+        "assert 'sklearn' not in sys.modules, 'scikit-learn imported'\n"
+        "from shared import db, kafka, model\n"
+        "assert db._pool is None and model._model is None and kafka._publisher is None\n"
         "print(threading.active_count())\n"
     )
     result = subprocess.run(

@@ -1,0 +1,65 @@
+"""`moderation dev` as a user runs it: one command up, every route on one port, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.Signals) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moderation", "dev", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 90, "dev")
+        assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 9  # postgres, broker, 4 functions, adapter, relay, recorder, …
+
+        task = httpx.post(f"{base}/moderation/async_predict", params={"item_id": 1}).json()
+        result = wait_for(
+            lambda: (r := httpx.get(f"{base}/moderation_result/{task['task_id']}").json())
+            ["status"] != "pending" and r,
+            30,
+            "the demo task",
+        )
+        assert result["status"] == "completed"
+        assert httpx.post(f"{base}/simple_predict", params={"item_id": 3}).json()[
+            "is_violation"
+        ] is False
+
+        process.send_signal(stop_signal)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "stopped" in output
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == [], [p.pid for p in alive]
+    assert not _answers(f"{base}/health")
