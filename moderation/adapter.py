@@ -209,16 +209,19 @@ class TopicPusher:
         message: Any,
         headers: dict[str, str],
         body: bytes,
+        wait_first: bool,
     ) -> bool:
         """POST until a 2xx (True) or until stopped (False); never skips the record."""
         backoff = self.backoff_initial
         while not self._stop.is_set():
-            if self._post(client, message, headers, body):
+            if wait_first:
+                deadline = time.monotonic() + backoff
+                while time.monotonic() < deadline and not self._stop.is_set():
+                    self._idle_poll(consumer, 0.1)
+                backoff = min(backoff * 2, self.backoff_max)
+            wait_first = True
+            if not self._stop.is_set() and self._post(client, message, headers, body):
                 return True
-            deadline = time.monotonic() + backoff
-            while time.monotonic() < deadline and not self._stop.is_set():
-                self._idle_poll(consumer, 0.1)
-            backoff = min(backoff * 2, self.backoff_max)
         return False
 
 

@@ -42,15 +42,19 @@ def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.
 
         task = httpx.post(f"{base}/moderation/async_predict", params={"item_id": 1}).json()
         result = wait_for(
-            lambda: (r := httpx.get(f"{base}/moderation_result/{task['task_id']}").json())
-            ["status"] != "pending" and r,
+            lambda: (
+                (r := httpx.get(f"{base}/moderation_result/{task['task_id']}").json())["status"]
+                != "pending"
+                and r
+            ),
             30,
             "the demo task",
         )
         assert result["status"] == "completed"
-        assert httpx.post(f"{base}/simple_predict", params={"item_id": 3}).json()[
-            "is_violation"
-        ] is False
+        assert (
+            httpx.post(f"{base}/simple_predict", params={"item_id": 3}).json()["is_violation"]
+            is False
+        )
 
         process.send_signal(stop_signal)
         output = process.communicate(timeout=60)[0].decode()

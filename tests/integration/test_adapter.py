@@ -1,0 +1,144 @@
+"""The push adapter against the real broker and a real HTTP sink: order, redelivery, due times."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from confluent_kafka import Producer
+
+from moderation.adapter import TopicPusher
+from shared.kafka_admin import producer_config
+from tests.conftest import Topics
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Sink:
+    """An HTTP sink that fails the first `failures` requests, then records what it gets."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.received: list[tuple[float, dict[str, str], bytes]] = []
+        self.attempts = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                sink.attempts += 1
+                if sink.attempts <= sink.failures:
+                    self.send_response(503)
+                else:
+                    sink.received.append((time.monotonic(), dict(self.headers), body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def run_pusher() -> Iterator:
+    started: list[tuple[TopicPusher, threading.Thread]] = []
+
+    def run(pusher: TopicPusher) -> TopicPusher:
+        thread = threading.Thread(target=pusher.run, daemon=True)
+        thread.start()
+        started.append((pusher, thread))
+        return pusher
+
+    yield run
+    for pusher, thread in started:
+        pusher.stop()
+        thread.join(10)
+
+
+def produce(topics: Topics, topic: str, values: list[bytes], headers: list | None = None) -> None:
+    producer = Producer(producer_config(topics.bootstrap_servers))
+    for value in values:
+        producer.produce(topic, value=value, key=b"same-key", headers=headers or [])
+    assert producer.flush(10) == 0
+
+
+def test_adapter_redelivers_a_failed_record_and_keeps_partition_order(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    sink = Sink(failures=3)
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, sink.url,
+                        f"g-{kafka_topics.moderation}", backoff_initial=0.05)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b'{"n": %d}' % i for i in range(5)])
+        wait_for(lambda: len(sink.received) >= 5, 30, "five deliveries")
+        time.sleep(0.5)  # anything extra would show up now
+        bodies = [body for _, _, body in sink.received]
+        assert bodies == [b'{"n": %d}' % i for i in range(5)]  # nothing skipped, in order
+        assert sink.attempts == 8  # 3 refusals of the first record, then 5 deliveries
+        headers = sink.received[0][1]
+        assert headers["ce-type"] == "dev.knative.kafka.event"
+    finally:
+        sink.close()
+
+
+def test_adapter_commits_only_delivered_records(kafka_topics: Topics, run_pusher) -> None:
+    group = f"g-{kafka_topics.moderation}"
+    first_sink = Sink()
+    try:
+        first = run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, first_sink.url,
+                        group)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b"a", b"b"])
+        wait_for(lambda: len(first_sink.received) == 2, 30, "two deliveries")
+        first.stop()
+    finally:
+        first_sink.close()
+    time.sleep(1)
+    second_sink = Sink()
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, second_sink.url,
+                        group)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b"c"])
+        wait_for(lambda: second_sink.received, 30, "the third delivery")
+        time.sleep(1)
+        assert [body for _, _, body in second_sink.received] == [b"c"]
+    finally:
+        second_sink.close()
+
+
+def test_adapter_holds_a_retry_until_its_due_time(kafka_topics: Topics, run_pusher) -> None:
+    sink = Sink()
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.retry, sink.url,
+                        f"g-{kafka_topics.retry}", honour_due_time=True)
+        )  # fmt: skip
+        due = datetime.now(UTC) + timedelta(seconds=2)
+        sent = time.monotonic()
+        produce(
+            kafka_topics, kafka_topics.retry, [b"{}"],
+            headers=[("ce_specversion", b"1.0"), ("ce_id", b"1"), ("ce_type", b"t"),
+                     ("ce_source", b"/s"), ("ce_dueat", due.isoformat().encode())],
+        )  # fmt: skip
+        wait_for(lambda: sink.received, 30, "the retry")
+        delivered_at, headers, _ = sink.received[0]
+        assert delivered_at - sent >= 1.5
+        assert headers["ce-dueat"] == due.isoformat()
+    finally:
+        sink.close()
