@@ -104,11 +104,12 @@ class _MethodNotAllowed(ModerationError):
 
 def validation_errors(error: ValidationError, where: str) -> list[dict[str, Any]]:
     """pydantic's error list in FastAPI's shape: loc starts with body/query/path."""
-    details = error.errors(include_url=False)
-    for item in details:
-        item["loc"] = [where, *item["loc"]]
+    details: list[dict[str, Any]] = []
+    for item in error.errors(include_url=False):
+        detail: dict[str, Any] = {**item, "loc": [where, *item["loc"]]}
         if "ctx" in item:
-            item["ctx"] = {key: str(value) for key, value in item["ctx"].items()}
+            detail["ctx"] = {key: str(value) for key, value in item["ctx"].items()}
+        details.append(detail)
     return details
 
 
