@@ -18,6 +18,7 @@ from shared.kafka_admin import KafkaSetupError, ensure_topics
 log = logging.getLogger(__name__)
 
 TOPICS_CHECK_INTERVAL = 5.0
+STALE_CHECK_INTERVAL = 10.0
 
 
 def project_topics() -> dict[str, int]:
@@ -40,9 +41,15 @@ def ensure_project_topics() -> list[str]:
 async def run(interval: float = 1.0, once: bool = False) -> int:
     """Relay until cancelled (or one pass with once=True); returns rows published."""
     total = 0
-    topics_checked = 0.0
+    topics_checked = stale_checked = 0.0
     try:
         while True:
+            if time.monotonic() - stale_checked > STALE_CHECK_INTERVAL:
+                try:
+                    await tasks.requeue_stale()
+                    stale_checked = time.monotonic()
+                except ModerationError as error:
+                    log.warning("relay: stale tasks not checked: %s", error)
             if time.monotonic() - topics_checked > TOPICS_CHECK_INTERVAL:
                 try:
                     created = await asyncio.to_thread(ensure_project_topics)

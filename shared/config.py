@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # The relay leaves rows younger than this to the publish that follows their commit.
     relay_grace_seconds: Annotated[float, Field(ge=0)] = 5.0
     relay_batch_size: Annotated[int, Field(ge=1)] = 500
+    # A task still pending this long after its record was published gets it published again.
+    stale_task_seconds: Annotated[float, Field(gt=0)] = 300.0
 
     model_path: Path = DEFAULT_MODEL_PATH
     max_batch_size: Annotated[int, Field(ge=1)] = 1000

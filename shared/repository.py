@@ -139,3 +139,17 @@ async def mark_published(conn: psycopg.AsyncConnection[Any], outbox_ids: list[in
             "UPDATE outbox SET published_at = now() WHERE id = ANY(%s) AND published_at IS NULL",
             (outbox_ids,),
         )
+
+
+async def requeue_stale_outbox(
+    conn: psycopg.AsyncConnection[Any], *, older_than_seconds: float
+) -> int:
+    """Mark unpublished again the outbox rows of tasks pending for longer than the given age."""
+    cursor = await conn.execute(
+        "UPDATE outbox SET published_at = NULL"
+        " WHERE published_at < now() - make_interval(secs => %s)"
+        " AND task_id IN (SELECT id FROM moderation_results"
+        "   WHERE status = 'pending' AND created_at < now() - make_interval(secs => %s))",
+        (older_than_seconds, older_than_seconds),
+    )
+    return cursor.rowcount

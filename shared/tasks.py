@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import orjson
+
 from shared import db, repository
 from shared.config import get_settings
 from shared.errors import BrokerUnavailable, ItemNotFound, TaskNotFound
@@ -34,16 +36,14 @@ async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccept
                 headers=headers,
             )
     if created:
-        await _publish_now(outbox_id, payload, headers, str(item_id))
+        record = Record(settings.moderation_topic, str(item_id), orjson.dumps(payload), headers)
+        await _publish_now(outbox_id, record)
     return TaskAccepted(task_id=task_id)
 
 
-async def _publish_now(outbox_id: int, payload: dict, headers: dict[str, str], key: str) -> None:
+async def _publish_now(outbox_id: int, record: Record) -> None:
     """Best effort right after commit; anything that goes wrong is left to the relay."""
     settings = get_settings()
-    record = Record.from_outbox(
-        {"topic": settings.moderation_topic, "key": key, "payload": payload, "headers": headers}
-    )
     try:
         publisher = get_publisher()
         (delivered,) = await publisher.publish([record], settings.publish_wait_seconds)
@@ -60,6 +60,20 @@ async def result(task_id: int) -> TaskResult:
     if row is None:
         raise TaskNotFound()
     return TaskResult.model_validate(row)
+
+
+async def requeue_stale() -> int:
+    """Publish again the record of every task still pending long after it was published.
+
+    A record can be lost after the relay marked it published (a broker that forgets, a topic
+    deleted by hand); publishing it once more is harmless because duplicates are ignored.
+    """
+    stale = get_settings().stale_task_seconds
+    async with db.connection() as conn:
+        requeued = await repository.requeue_stale_outbox(conn, older_than_seconds=stale)
+    if requeued:
+        log.warning("requeued %d outbox rows of tasks pending for over %.0f s", requeued, stale)
+    return requeued
 
 
 async def relay_once(grace_seconds: float | None = None) -> int:

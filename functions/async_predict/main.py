@@ -20,7 +20,8 @@ async def accept(request: Request) -> TaskAccepted:
 
 async def relay(request: Request) -> dict[str, int]:
     """For a scheduler (Cloud Scheduler, CronJob): publish what the outbox still holds."""
-    return {"published": await tasks.relay_once()}
+    requeued = await tasks.requeue_stale()
+    return {"published": await tasks.relay_once(), "requeued": requeued}
 
 
 router = http.Router(

@@ -179,3 +179,37 @@ def test_get_result_invalid_task_id_is_422(results: TestClient, task_id: str) ->
 
 def test_get_result_wrong_method_is_405(results: TestClient) -> None:
     assert results.post("/moderation_result/1").status_code == 405
+
+
+def test_relay_publishes_again_a_task_pending_long_after_its_record_was_published(
+    database_url: str,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record lost after publishing (a broker that forgot it) does not strand its task."""
+    ad = insert_ad(database_url)
+    with psycopg.connect(database_url) as conn:
+        stale, done = (
+            conn.execute(
+                "INSERT INTO moderation_results (item_id, status, processed_at, created_at)"
+                " VALUES (%s, %s, %s, now() - interval '1 hour') RETURNING id",
+                (ad["item_id"], status, None if status == "pending" else "now()"),
+            ).fetchone()[0]  # type: ignore[index]
+            for status in ("pending", "completed")
+        )
+        for task_id in (stale, done):
+            conn.execute(
+                "INSERT INTO outbox (task_id, topic, key, payload, created_at, published_at)"
+                " VALUES (%s, %s, %s, %s, now() - interval '1 hour', now() - interval '1 hour')",
+                (task_id, kafka_topics.moderation, str(ad["item_id"]),
+                 orjson.dumps({"item_id": ad["item_id"], "task_id": task_id}).decode()),
+            )  # fmt: skip
+    monkeypatch.setenv("STALE_TASK_SECONDS", "60")
+    monkeypatch.setenv("RELAY_GRACE_SECONDS", "0")
+    get_settings.cache_clear()
+    body = make_client("async_predict").post("/moderation/outbox/relay").json()
+    assert body["requeued"] >= 1  # other tests' stale tasks may be requeued too
+    assert body["published"] >= 1
+    records = kafka_topics.read(kafka_topics.moderation, expect=1)
+    assert [orjson.loads(r.value())["task_id"] for r in records] == [stale]  # never `done`
