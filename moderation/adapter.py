@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from shared.kafka_admin import consumer_config
+from moderation.consuming import ConsumerLoop
 from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -74,59 +74,27 @@ def due_time(message: Any) -> datetime | None:
 
 
 @dataclass
-class TopicPusher:
-    """One consumer (one thread) pushing one topic's records to the sink."""
+class TopicPusher(ConsumerLoop):
+    """One consumer (one thread) pushing its partitions' records to the sink."""
 
-    bootstrap_servers: str
-    topic: str
-    sink_url: str
-    group_id: str
+    sink_url: str = ""
     honour_due_time: bool = False
     source: str = "/ad-moderation/adapter"
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
     request_timeout: float = 30.0
+    delivered: int = 0
 
-    def __post_init__(self) -> None:
-        self.delivered = 0
-        self._stop = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        """Consume until stop(); a crash of the loop is logged and the loop starts over."""
-        while not self._stop.is_set():
-            try:
-                self._run()
-            except Exception:
-                log.exception("%s: pusher failed, starting over", self.topic)
-                self._stop.wait(1.0)
-
-    def _run(self) -> None:
-        from confluent_kafka import Consumer
-
-        consumer = Consumer(
-            {
-                **consumer_config(self.bootstrap_servers, self.group_id),
-                # A subscribed topic that vanished (a memory-only broker restarted) is looked
-                # for again within seconds, not after the default five minutes.
-                "topic.metadata.refresh.interval.ms": 2000,
-            }
-        )
-        consumer.subscribe([self.topic])
-        try:
-            with httpx.Client(timeout=self.request_timeout) as client:
-                while not self._stop.is_set():
-                    message = consumer.poll(0.2)
-                    if message is None:
-                        continue
-                    if message.error():
-                        log.warning("%s: consumer error: %s", self.topic, message.error())
-                        continue
-                    self._handle(consumer, client, message)
-        finally:
-            consumer.close()
+    def consume(self, consumer: Any) -> None:
+        with httpx.Client(timeout=self.request_timeout) as client:
+            while not self._stop.is_set():
+                message = consumer.poll(0.2)
+                if message is None:
+                    continue
+                if message.error():
+                    log.warning("%s: consumer error: %s", self.topic, message.error())
+                    continue
+                self._handle(consumer, client, message)
 
     def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
         headers, body = cloudevent_request(message, self.source)
@@ -239,14 +207,15 @@ class Adapter:
         group_id: str = "moderation-consumer",
         concurrency: int = 4,
     ) -> None:
+        retry_group = f"{group_id}-retry"
         self.pushers = [
-            TopicPusher(bootstrap_servers, topic, sink_url, group_id) for _ in range(concurrency)
-        ] + [
-            TopicPusher(
-                bootstrap_servers, retry_topic, sink_url, f"{group_id}-retry", honour_due_time=True
-            )
+            TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url)
             for _ in range(concurrency)
-        ]
+        ] + [
+            TopicPusher(bootstrap_servers, retry_topic, retry_group, sink_url=sink_url,
+                        honour_due_time=True)
+            for _ in range(concurrency)
+        ]  # fmt: skip
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:

@@ -120,9 +120,9 @@ def dlq_recorder(group: str) -> None:
     settings = get_settings()
     recorder = DeadLetterRecorder(
         require_bootstrap_servers(),
-        require_database_url(settings.database_url),
         settings.dlq_topic,
         group,
+        database_url=require_database_url(settings.database_url),
     )
     thread = threading.Thread(target=recorder.run, name="dlq-recorder", daemon=True)
     thread.start()

@@ -8,13 +8,13 @@ it commits a record's offset only once the task row says `failed` (or was alread
 from __future__ import annotations
 
 import logging
-import threading
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import psycopg
 
-from shared.kafka_admin import consumer_config
+from moderation.consuming import ConsumerLoop
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +37,14 @@ def record_failure(conn: psycopg.Connection[Any], value: bytes) -> bool:
     return cursor.rowcount == 1
 
 
-class DeadLetterRecorder:
-    def __init__(
-        self, bootstrap_servers: str, database_url: str, topic: str, group_id: str
-    ) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.database_url = database_url
-        self.topic = topic
-        self.group_id = group_id
-        self.recorded = 0
-        self._stop = threading.Event()
+@dataclass
+class DeadLetterRecorder(ConsumerLoop):
+    """Consumes the dead-letter topic; one committed offset per task marked failed."""
 
-    def stop(self) -> None:
-        self._stop.set()
+    database_url: str = ""
+    recorded: int = 0
 
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._run()
-            except Exception:
-                log.exception("dead-letter recorder failed, starting over")
-                self._stop.wait(1.0)
-
-    def _run(self) -> None:
-        from confluent_kafka import Consumer
-
-        consumer = Consumer(
-            {
-                **consumer_config(self.bootstrap_servers, self.group_id),
-                # A subscribed topic that vanished (a memory-only broker restarted) is looked
-                # for again within seconds, not after the default five minutes.
-                "topic.metadata.refresh.interval.ms": 2000,
-            }
-        )
-        consumer.subscribe([self.topic])
+    def consume(self, consumer: Any) -> None:
         conn: psycopg.Connection[Any] | None = None
         try:
             while not self._stop.is_set():
@@ -90,13 +64,13 @@ class DeadLetterRecorder:
                     except psycopg.OperationalError as error:
                         log.warning("database not available (%s), again in %.1fs", error, backoff)
                         conn = None
+                        # No poll meanwhile (it could hand out a record that would then be
+                        # skipped); a long outage costs a group rejoin and a redelivery.
                         self._stop.wait(backoff)
-                        consumer.poll(0)  # stay in the group meanwhile
                         backoff = min(backoff * 2, 5.0)
                 else:
                     return  # stopping before the task was failed: not committed
                 consumer.commit(message=message, asynchronous=True)
         finally:
-            consumer.close()
             if conn is not None:
                 conn.close()

@@ -62,6 +62,18 @@ def database_url(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return postgres_url
 
 
+@pytest.fixture
+def disposable_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedPostgres]:
+    """A server of this test's own, configured for the code under test, so that stopping it
+    (an outage) disturbs no other test."""
+    with EmbeddedPostgres() as server:
+        apply_migrations(server.url)
+        monkeypatch.setenv("DATABASE_URL", server.url)
+        monkeypatch.setenv("DATABASE_TIMEOUT", "1")
+        config.get_settings.cache_clear()
+        yield server
+
+
 def insert_ad(
     database_url: str,
     *,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -12,7 +14,7 @@ from psycopg.rows import dict_row
 from moderation.dev import DevStack
 from shared.kafka_admin import producer_config
 from tests.conftest import read_topic
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 # Quick retries and short waits, so outages play out in seconds.
 TEST_ENV = {
@@ -25,20 +27,15 @@ TEST_ENV = {
 }
 
 
-def start_stack() -> DevStack:
-    stack = DevStack(port=_free_port(), quiet=True, extra_env=TEST_ENV)
+@contextmanager
+def running_stack() -> Iterator[Driver]:
+    """A whole dev stack of its own (embedded servers), stopped afterwards."""
+    stack = DevStack(port=free_port(), quiet=True, extra_env=TEST_ENV)
     try:
         stack.start()
-    except BaseException:
+        yield Driver(stack)
+    finally:
         stack.stop()
-        raise
-    return stack
-
-
-def _free_port() -> int:
-    from tests.helpers import free_port
-
-    return free_port()
 
 
 class Driver:

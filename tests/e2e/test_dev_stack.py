@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.conftest import insert_ad
-from tests.e2e.stack import Driver, start_stack
+from tests.e2e.stack import Driver, running_stack
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -20,11 +20,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Driver]:
-    stack = start_stack()
-    try:
-        yield Driver(stack)
-    finally:
-        stack.stop()
+    with running_stack() as driver:
+        yield driver
 
 
 def accept_without_publishing(driver: Driver, item_id: int, monkeypatch: pytest.MonkeyPatch) -> int:

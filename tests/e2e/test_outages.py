@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from tests.conftest import insert_ad, read_topic
-from tests.e2e.stack import Driver, start_stack
+from tests.e2e.stack import Driver, running_stack
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -16,11 +16,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Driver]:
-    stack = start_stack()
-    try:
-        yield Driver(stack)
-    finally:
-        stack.stop()
+    with running_stack() as driver:
+        yield driver
 
 
 def pending_task(driver: Driver) -> tuple[int, int]:

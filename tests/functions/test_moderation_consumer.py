@@ -7,7 +7,7 @@ ce_ attributes, structured mode, and a plain record wrapped the way KafkaSource 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 
 import orjson
@@ -19,7 +19,6 @@ from starlette.testclient import TestClient
 
 from moderation.dead_letters import record_failure
 from moderation.embedded_postgres import EmbeddedPostgres
-from moderation.migrate import apply_migrations
 from shared.config import get_settings
 from tests.conftest import Topics, insert_ad
 
@@ -200,27 +199,15 @@ def test_consumer_poison_message_goes_to_dlq_with_raw_payload(
     assert kafka_topics.read(kafka_topics.retry) == []
 
 
-@pytest.fixture
-def outage_postgres(
-    monkeypatch: pytest.MonkeyPatch, kafka_topics: Topics
-) -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as server:
-        apply_migrations(server.url)
-        monkeypatch.setenv("DATABASE_URL", server.url)
-        monkeypatch.setenv("DATABASE_TIMEOUT", "1")
-        get_settings.cache_clear()
-        yield server
-
-
 def test_consumer_temporary_error_publishes_one_retry_and_keeps_task_pending(
-    outage_postgres: EmbeddedPostgres,
     kafka_topics: Topics,
+    disposable_postgres: EmbeddedPostgres,
     make_client: Callable[[str], TestClient],
 ) -> None:
-    ad = insert_ad(outage_postgres.url)
-    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    ad = insert_ad(disposable_postgres.url)
+    task_id = insert_task(disposable_postgres.url, ad["item_id"])
     client = make_client("moderation_consumer")
-    outage_postgres.stop()
+    disposable_postgres.stop()
     message = {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 0,
                "timestamp": "2020-01-01T00:00:00+00:00"}  # fmt: skip
     headers, body = binary_event(message, task_id)
@@ -235,19 +222,19 @@ def test_consumer_temporary_error_publishes_one_retry_and_keeps_task_pending(
         value["timestamp"]
     )
     assert kafka_topics.read(kafka_topics.dlq) == []
-    outage_postgres.start()
-    assert task_row(outage_postgres.url, task_id)["status"] == "pending"
+    disposable_postgres.start()
+    assert task_row(disposable_postgres.url, task_id)["status"] == "pending"
 
 
 def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_database_is_back(
-    outage_postgres: EmbeddedPostgres,
     kafka_topics: Topics,
+    disposable_postgres: EmbeddedPostgres,
     make_client: Callable[[str], TestClient],
 ) -> None:
-    ad = insert_ad(outage_postgres.url)
-    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    ad = insert_ad(disposable_postgres.url)
+    task_id = insert_task(disposable_postgres.url, ad["item_id"])
     client = make_client("moderation_consumer")
-    outage_postgres.stop()
+    disposable_postgres.stop()
     message = {"item_id": ad["item_id"], "task_id": task_id, "retry_count": 3}
     headers, body = binary_event(message, task_id)
     # Given up: the dead letter is the durable outcome, so the answer is 2xx.
@@ -261,28 +248,28 @@ def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_dat
     )
     assert kafka_topics.read(kafka_topics.retry) == []
 
-    outage_postgres.start()
-    assert task_row(outage_postgres.url, task_id)["status"] == "pending"
-    with psycopg.connect(outage_postgres.url, autocommit=True) as conn:
+    disposable_postgres.start()
+    assert task_row(disposable_postgres.url, task_id)["status"] == "pending"
+    with psycopg.connect(disposable_postgres.url, autocommit=True) as conn:
         assert record_failure(conn, dead.value()) is True
         assert record_failure(conn, dead.value()) is False  # a repeated letter changes nothing
-    row = task_row(outage_postgres.url, task_id)
+    row = task_row(disposable_postgres.url, task_id)
     assert row["status"] == "failed"
     assert "Database is not available" in row["error_message"]
     assert "3 retries" in row["error_message"]
 
 
 def test_consumer_answers_500_when_retry_cannot_be_published(
-    outage_postgres: EmbeddedPostgres,
+    disposable_postgres: EmbeddedPostgres,
     monkeypatch: pytest.MonkeyPatch,
     make_client: Callable[[str], TestClient],
 ) -> None:
-    ad = insert_ad(outage_postgres.url)
-    task_id = insert_task(outage_postgres.url, ad["item_id"])
+    ad = insert_ad(disposable_postgres.url)
+    task_id = insert_task(disposable_postgres.url, ad["item_id"])
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
     monkeypatch.setenv("DURABLE_PUBLISH_WAIT_SECONDS", "1")
     get_settings.cache_clear()
     client = make_client("moderation_consumer")
-    outage_postgres.stop()
+    disposable_postgres.stop()
     headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
     assert client.post("/", headers=headers, content=body).status_code == 500

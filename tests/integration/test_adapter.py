@@ -79,8 +79,8 @@ def test_adapter_redelivers_a_failed_record_and_keeps_partition_order(
     sink = Sink(failures=3)
     try:
         run_pusher(
-            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, sink.url,
-                        f"g-{kafka_topics.moderation}", backoff_initial=0.05)
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
+                        f"g-{kafka_topics.moderation}", sink_url=sink.url, backoff_initial=0.05)
         )  # fmt: skip
         produce(kafka_topics, kafka_topics.moderation, [b'{"n": %d}' % i for i in range(5)])
         wait_for(lambda: len(sink.received) >= 5, 30, "five deliveries")
@@ -99,8 +99,8 @@ def test_adapter_commits_only_delivered_records(kafka_topics: Topics, run_pusher
     first_sink = Sink()
     try:
         first = run_pusher(
-            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, first_sink.url,
-                        group)
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, group,
+                        sink_url=first_sink.url)
         )  # fmt: skip
         produce(kafka_topics, kafka_topics.moderation, [b"a", b"b"])
         wait_for(lambda: len(first_sink.received) == 2, 30, "two deliveries")
@@ -111,8 +111,8 @@ def test_adapter_commits_only_delivered_records(kafka_topics: Topics, run_pusher
     second_sink = Sink()
     try:
         run_pusher(
-            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, second_sink.url,
-                        group)
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, group,
+                        sink_url=second_sink.url)
         )  # fmt: skip
         produce(kafka_topics, kafka_topics.moderation, [b"c"])
         wait_for(lambda: second_sink.received, 30, "the third delivery")
@@ -126,8 +126,8 @@ def test_adapter_holds_a_retry_until_its_due_time(kafka_topics: Topics, run_push
     sink = Sink()
     try:
         run_pusher(
-            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.retry, sink.url,
-                        f"g-{kafka_topics.retry}", honour_due_time=True)
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.retry,
+                        f"g-{kafka_topics.retry}", sink_url=sink.url, honour_due_time=True)
         )  # fmt: skip
         due = datetime.now(UTC) + timedelta(seconds=2)
         sent = time.monotonic()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from starlette.testclient import TestClient
 
 from moderation.embedded_postgres import EmbeddedPostgres
-from moderation.migrate import apply_migrations
-from shared.config import get_settings
 from tests.conftest import insert_ad
 
 pytestmark = pytest.mark.integration
@@ -81,17 +79,6 @@ def test_simple_predict_without_database_url_is_503(
     response = make_client("predict").post("/simple_predict", params={"item_id": 1})
     assert response.status_code == 503
     assert "database" in response.json()["detail"].lower()
-
-
-@pytest.fixture
-def disposable_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedPostgres]:
-    """A server of this test's own, so stopping it disturbs nobody else."""
-    with EmbeddedPostgres() as server:
-        apply_migrations(server.url)
-        monkeypatch.setenv("DATABASE_URL", server.url)
-        monkeypatch.setenv("DATABASE_TIMEOUT", "1")
-        get_settings.cache_clear()
-        yield server
 
 
 def test_simple_predict_database_stopped_is_503_then_recovers(
