@@ -70,8 +70,13 @@ class Publisher:
             producer = self._producer
             if producer is None:
                 self._closed.wait(0.05)
-            else:
+                continue
+            try:
                 producer.poll(0.05)  # runs delivery callbacks on this thread
+            except Exception as error:  # a fatal producer error surfaces here (or as SystemError)
+                log.warning("kafka producer failed: %r; it will be replaced", error)
+                self._broken = True
+                self._closed.wait(0.05)
 
     @staticmethod
     def _drop(producer: Any) -> None:

@@ -190,7 +190,7 @@ def ensure_topics(
             future.result(timeout=_remaining(deadline))
         except KafkaException as exc:
             error = exc.args[0]
-            # Someone else (another process, a consumer's auto-create) won the race.
+            # Someone else (another process, a producer's auto-create) won the race.
             if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             failures.append(f"{name}: {error}")

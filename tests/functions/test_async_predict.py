@@ -22,7 +22,16 @@ RESULT_KEYS = {
 
 
 @pytest.fixture
-def accept(database_url: str, kafka_topics: Topics, make_client: Callable[[str], TestClient]):
+def accept(
+    database_url: str,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> TestClient:
+    # A new idempotent producer's first delivery takes ~0.5 s on the embedded broker, more on
+    # a busy machine: wait long enough that "published right after commit" is what is tested.
+    monkeypatch.setenv("PUBLISH_WAIT_SECONDS", "10")
+    get_settings.cache_clear()
     return make_client("async_predict")
 
 
