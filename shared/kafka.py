@@ -76,7 +76,7 @@ class Publisher:
             except Exception as error:  # a fatal producer error surfaces here (or as SystemError)
                 log.warning("kafka producer failed: %r; it will be replaced", error)
                 self._broken = True
-                self._closed.wait(0.05)
+                self._closed.wait(1.0)  # until the next publish replaces it
 
     @staticmethod
     def _drop(producer: Any) -> None:
