@@ -1,9 +1,12 @@
 """Kafka -> CloudEvent push adapter with Knative KafkaSource semantics.
 
 For each record, in partition order: POST it as a binary-mode CloudEvent to the sink; commit
-its offset only after a 2xx; on anything else deliver the same record again with backoff,
-never skipping it. Records of the retry topic wait for their `dueat` time first, in a consumer
-of their own, so a waiting retry never stalls fresh work.
+its offset only after a 2xx; on a 5xx (or 404, 408, 409, 425, 429, or no answer) deliver the
+same record again with backoff, never skipping it. A record the sink rejects for good (any
+other 4xx), or that cannot be made into a request at all, goes to the dead-letter topic raw,
+like KafkaSource's deadLetterSink, and is committed once that is acknowledged. Records of the
+retry topic wait for their `dueat` time first, in a consumer of their own, so a waiting retry
+never stalls fresh work.
 """
 
 from __future__ import annotations
@@ -11,22 +14,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import quote
 
 import httpx
 
 from moderation.consuming import ConsumerLoop
-from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE
+from shared.kafka_admin import producer_config
+from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
 
 log = logging.getLogger(__name__)
+
+
+# Answers after which KafkaSource delivers again: the sink is not ready or is overloaded.
+RETRYABLE_4XX = {404, 408, 409, 425, 429}
 
 
 def _header_text(value: bytes | str | None) -> str:
     if value is None:
         return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    # HTTP header values carry printable ASCII only: percent-encode the rest, as the
+    # CloudEvents HTTP binding asks (a binary or non-Latin key must not break delivery).
+    return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
 
 
 def cloudevent_request(message: Any, source: str) -> tuple[dict[str, str], bytes]:
@@ -67,9 +79,10 @@ def due_time(message: Any) -> datetime | None:
     for name, value in message.headers() or []:
         if name == f"ce_{DUE_AT}":
             try:
-                return datetime.fromisoformat(_header_text(value))
+                due = datetime.fromisoformat(_header_text(value))
             except ValueError:
                 return None
+            return due if due.tzinfo else due.replace(tzinfo=UTC)  # naive means UTC
     return None
 
 
@@ -77,13 +90,19 @@ def due_time(message: Any) -> datetime | None:
 class TopicPusher(ConsumerLoop):
     """One consumer (one thread) pushing its partitions' records to the sink."""
 
+    # A sink may take up to request_timeout to answer while nothing is polled: stay in the
+    # group well past that (the project's default of 10 s would evict a slow delivery).
+    extra_config: ClassVar[dict[str, Any]] = {"max.poll.interval.ms": 45_000}
+
     sink_url: str = ""
+    dead_letter_topic: str = "moderation_dlq"
     honour_due_time: bool = False
     source: str = "/ad-moderation/adapter"
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
-    request_timeout: float = 30.0
+    request_timeout: float = 20.0
     delivered: int = 0
+    _producer: Any = field(default=None, init=False, repr=False)
 
     def consume(self, consumer: Any) -> None:
         with httpx.Client(timeout=self.request_timeout) as client:
@@ -97,37 +116,95 @@ class TopicPusher(ConsumerLoop):
                 self._handle(consumer, client, message)
 
     def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
-        headers, body = cloudevent_request(message, self.source)
+        request = self._request(message)
         due = due_time(message) if self.honour_due_time else None
         tried = due is None or datetime.now(UTC) >= due
-        if tried and self._post(client, message, headers, body):
+        if tried and self._try_once(client, message, request):
             # The fast path: nothing paused, so what was fetched behind this record stays.
             self._commit(consumer, message)
             return
         # The record must wait (its due time, or a failing sink). Pause every partition this
         # consumer owns and keep polling, so it stays in its group and hands out nothing else
         # meanwhile; then start again exactly where each partition was.
-        from confluent_kafka import TopicPartition
-
         owned = consumer.assignment()
         positions = consumer.position(owned)
         consumer.pause(owned)
-        delivered = False
+        done = False
         try:
             while due and datetime.now(UTC) < due and not self._stop.is_set():
                 self._idle_poll(consumer, min(0.2, (due - datetime.now(UTC)).total_seconds()))
-            delivered = self._deliver_with_backoff(
-                consumer, client, message, headers, body, wait_first=tried
-            )
-            if delivered:
+            done = self._deliver_with_backoff(consumer, client, message, request, tried)
+            if done:
                 self._commit(consumer, message)
         finally:
-            again = TopicPartition(message.topic(), message.partition(), message.offset())
-            next_offset = message.offset() + 1 if delivered else message.offset()
             for position in positions:
-                if (position.topic, position.partition) == (again.topic, again.partition):
-                    position.offset = next_offset
+                if (position.topic, position.partition) == (message.topic(), message.partition()):
+                    position.offset = message.offset() + 1 if done else message.offset()
             self._resume(consumer, owned, positions)
+
+    def _request(self, message: Any) -> tuple[dict[str, str], bytes] | str:
+        """The HTTP request for a record, or why there can be none."""
+        try:
+            return cloudevent_request(message, self.source)
+        except Exception as error:
+            return f"the record cannot be made into a CloudEvent: {error!r}"
+
+    def _try_once(
+        self, client: httpx.Client, message: Any, request: tuple[dict[str, str], bytes] | str
+    ) -> bool:
+        """One attempt; True once the record is done with (delivered, or dead-lettered)."""
+        if isinstance(request, str):
+            return self._dead_letter(message, request)
+        headers, body = request
+        try:
+            response = client.post(self.sink_url, headers=headers, content=body)
+        except httpx.HTTPError as error:
+            log.warning("%s: sink unreachable: %s", self.topic, error)
+            return False
+        code = response.status_code
+        if 200 <= code < 300:
+            return True
+        if 400 <= code < 500 and code not in RETRYABLE_4XX:
+            return self._dead_letter(message, f"the sink rejected the record: HTTP {code}")
+        log.warning(
+            "%s[%d]@%d: sink answered %d",
+            message.topic(), message.partition(), message.offset(), code,
+        )  # fmt: skip
+        return False
+
+    def _dead_letter(self, message: Any, reason: str) -> bool:
+        """Put the raw record on the dead-letter topic; True once the broker acknowledged it."""
+        from confluent_kafka import Producer
+
+        log.error("%s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), reason)
+        letter = dead_letter_record(
+            self.dead_letter_topic,
+            raw=message.value() or b"",
+            error=reason,
+            error_class="permanent",
+            retry_count=0,
+            origin=Origin(message.topic(), message.partition(), message.offset()),
+            task_id=None,
+            item_id=None,
+        )
+        acknowledged: list[bool] = []
+        try:
+            if self._producer is None:
+                self._producer = Producer(producer_config(self.bootstrap_servers))
+            self._producer.produce(
+                letter.topic,
+                key=letter.key.encode(),
+                value=letter.value,
+                headers=list(letter.headers.items()),
+                on_delivery=lambda error, _: acknowledged.append(error is None),
+            )
+            self._producer.flush(10)
+        except Exception as error:
+            log.warning("dead letter not published: %r", error)
+        if acknowledged != [True]:
+            self._producer = None  # start afresh next time (a broken idempotent producer)
+            return False
+        return True
 
     def _commit(self, consumer: Any, message: Any) -> None:
         consumer.commit(message=message, asynchronous=True)
@@ -154,32 +231,15 @@ class TopicPusher(ConsumerLoop):
             # Partitions revoked meanwhile: their new owner starts at the committed offsets.
             log.info("%s: not resumed: %s", self.topic, error)
 
-    def _post(
-        self, client: httpx.Client, message: Any, headers: dict[str, str], body: bytes
-    ) -> bool:
-        try:
-            response = client.post(self.sink_url, headers=headers, content=body)
-        except httpx.HTTPError as error:
-            log.warning("%s: sink unreachable: %s", self.topic, error)
-            return False
-        if 200 <= response.status_code < 300:
-            return True
-        log.warning(
-            "%s[%d]@%d: sink answered %d",
-            message.topic(), message.partition(), message.offset(), response.status_code,
-        )  # fmt: skip
-        return False
-
     def _deliver_with_backoff(
         self,
         consumer: Any,
         client: httpx.Client,
         message: Any,
-        headers: dict[str, str],
-        body: bytes,
+        request: tuple[dict[str, str], bytes] | str,
         wait_first: bool,
     ) -> bool:
-        """POST until a 2xx (True) or until stopped (False); never skips the record."""
+        """Try until done (True) or until stopped (False); never skips the record."""
         backoff = self.backoff_initial
         while not self._stop.is_set():
             if wait_first:
@@ -188,7 +248,7 @@ class TopicPusher(ConsumerLoop):
                     self._idle_poll(consumer, 0.1)
                 backoff = min(backoff * 2, self.backoff_max)
             wait_first = True
-            if not self._stop.is_set() and self._post(client, message, headers, body):
+            if not self._stop.is_set() and self._try_once(client, message, request):
                 return True
         return False
 
@@ -206,14 +266,16 @@ class Adapter:
         retry_topic: str,
         group_id: str = "moderation-consumer",
         concurrency: int = 4,
+        dead_letter_topic: str = "moderation_dlq",
     ) -> None:
         retry_group = f"{group_id}-retry"
         self.pushers = [
-            TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url)
+            TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url,
+                        dead_letter_topic=dead_letter_topic)
             for _ in range(concurrency)
         ] + [
             TopicPusher(bootstrap_servers, retry_topic, retry_group, sink_url=sink_url,
-                        honour_due_time=True)
+                        dead_letter_topic=dead_letter_topic, honour_due_time=True)
             for _ in range(concurrency)
         ]  # fmt: skip
         self._threads: list[threading.Thread] = []

@@ -104,6 +104,7 @@ def adapter(sink: str, group: str, concurrency: int | None) -> None:
         settings.retry_topic,
         group,
         concurrency or settings.topic_partitions,
+        settings.dlq_topic,
     )
     pushers.start()
     click.echo(f"pushing {settings.moderation_topic}, {settings.retry_topic} to {sink}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from shared.kafka_admin import consumer_config
 
@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ConsumerLoop:
+    # Consumer settings a subclass needs on top of the project's consumer_config.
+    extra_config: ClassVar[dict[str, Any]] = {}
+
     bootstrap_servers: str
     topic: str
     group_id: str
@@ -45,6 +48,7 @@ class ConsumerLoop:
                 # A subscribed topic that vanished (a memory-only broker restarted) is looked
                 # for again within seconds, not after the default five minutes.
                 "topic.metadata.refresh.interval.ms": 2000,
+                **self.extra_config,
             }
         )
         consumer.subscribe([self.topic])

@@ -68,6 +68,9 @@ class DeadLetterRecorder(ConsumerLoop):
                         # skipped); a long outage costs a group rejoin and a redelivery.
                         self._stop.wait(backoff)
                         backoff = min(backoff * 2, 5.0)
+                    except psycopg.Error as error:  # refused for good (a value out of range)
+                        log.error("dead letter %s skipped: %r", message.offset(), error)
+                        break
                 else:
                     return  # stopping before the task was failed: not committed
                 consumer.commit(message=message, asynchronous=True)

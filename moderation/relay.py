@@ -48,16 +48,16 @@ async def run(interval: float = 1.0, once: bool = False) -> int:
                 try:
                     await tasks.requeue_stale()
                     stale_checked = time.monotonic()
-                except ModerationError as error:
-                    log.warning("relay: stale tasks not checked: %s", error)
+                except Exception as error:
+                    log.warning("relay: stale tasks not checked: %r", error)
             if time.monotonic() - topics_checked > TOPICS_CHECK_INTERVAL:
                 try:
                     created = await asyncio.to_thread(ensure_project_topics)
                     if created:
                         log.info("relay: created topics %s", ", ".join(created))
                     topics_checked = time.monotonic()
-                except KafkaSetupError as error:
-                    log.warning("relay: broker not ready: %s", error)
+                except Exception as error:  # broker down or refusing: try again later
+                    log.warning("relay: topics not checked: %r", error)
             try:
                 published = await tasks.relay_once()
                 total += published
@@ -66,6 +66,8 @@ async def run(interval: float = 1.0, once: bool = False) -> int:
                     continue  # more may be waiting
             except ModerationError as error:
                 log.warning("relay: %s", error)
+            except Exception:  # keep relaying; the next pass starts afresh
+                log.exception("relay: pass failed")
             if once:
                 return total
             await asyncio.sleep(interval)

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     # still accepted and the outbox relay publishes later.
     publish_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
     # The consumer answers 2xx only once a retry or dead letter is acknowledged within this.
-    durable_publish_wait_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # DATABASE_TIMEOUT plus this stays well under the push adapter's request timeout (20 s).
+    durable_publish_wait_seconds: Annotated[float, Field(gt=0)] = 5.0
     # The relay leaves rows younger than this to the publish that follows their commit.
     relay_grace_seconds: Annotated[float, Field(ge=0)] = 5.0
     relay_batch_size: Annotated[int, Field(ge=1)] = 500

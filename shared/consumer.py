@@ -16,7 +16,6 @@ from typing import Any
 from shared import db, repository
 from shared.config import get_settings
 from shared.errors import (
-    DatabaseUnavailable,
     InvalidMessage,
     ItemNotFound,
     ModerationError,
@@ -80,16 +79,21 @@ async def _score(delivery: Delivery) -> str:
     async with db.connection() as conn:
         if delivery.task_id is None:
             # A seed producer's record: attach to the item's oldest pending task, or make one.
-            delivery.task_id = await repository.oldest_pending_task(conn, message.item_id)
-            if delivery.task_id is None:
-                delivery.task_id, _ = await repository.insert_task(conn, message.item_id, None)
+            # Committed on its own, so that a retry names a task that really exists.
+            async with conn.transaction():
+                task_id = await repository.oldest_pending_task(conn, message.item_id)
+                if task_id is None:
+                    task_id, _ = await repository.insert_task(conn, message.item_id, None)
+            delivery.task_id = task_id
         task = await repository.get_task(conn, delivery.task_id)
         if task is None:
             raise TaskNotFound(f"Task {delivery.task_id} not found")
         if task["status"] != "pending":
             return "duplicate"
         if task["item_id"] != message.item_id:
-            raise InvalidMessage(f"task {delivery.task_id} is for item {task['item_id']}")
+            wrong = delivery.task_id
+            delivery.task_id = None  # never fail a task on behalf of a record about another item
+            raise InvalidMessage(f"task {wrong} is for item {task['item_id']}")
         ad = await repository.get_ad(conn, message.item_id)
         if ad is None:
             raise ItemNotFound(f"Item {message.item_id} not found")
@@ -144,6 +148,6 @@ async def _on_failure(delivery: Delivery, error: ModerationError, temporary: boo
                 await repository.fail_task(
                     conn, delivery.task_id, error_message=reason, attempts=retry_count + 1
                 )
-        except DatabaseUnavailable:
-            log.warning("task %s: left for the dead-letter recorder to fail", delivery.task_id)
+        except Exception as failure:  # the dead letter is durable; the recorder fails it later
+            log.warning("task %s: left for the dead-letter recorder: %r", delivery.task_id, failure)
     return "dead-lettered"

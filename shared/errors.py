@@ -35,6 +35,11 @@ class PayloadTooLarge(ModerationError):
     detail = "Request body is too large"
 
 
+class IdempotencyConflict(ModerationError):
+    status = 422
+    detail = "Idempotency-Key was already used for another item"
+
+
 class ItemNotFound(ModerationError):
     status = 404
     detail = "Item not found"
@@ -53,6 +58,9 @@ class InvalidMessage(ModerationError):
 class ModelUnavailable(ModerationError):
     status = 503
     detail = "Model is not available"
+    # A model that cannot be loaded is a deployment problem, like a database that is down:
+    # retried. A model that fails on one input (ScoringFailed) is permanent for that input.
+    outcome = Outcome.RETRY
 
 
 class ScoringFailed(ModerationError):

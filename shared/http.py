@@ -171,6 +171,20 @@ async def parse_batch(request: Request, max_items: int) -> BatchRequest:
     return parse(BatchRequest, data)
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The optional Idempotency-Key header: the same key gives the same task."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationFailed(
+            [{"type": "string_too_long", "loc": ["header", "Idempotency-Key"],
+              "msg": f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"}]
+        )  # fmt: skip
+    return key
+
+
 def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Route]:
     """GET /health (the process answers) and GET /ready (every named check passes)."""
 

@@ -80,8 +80,11 @@ class Publisher:
 
     @staticmethod
     def _drop(producer: Any) -> None:
-        producer.purge()
-        producer.flush(0)
+        try:
+            producer.purge()
+            producer.flush(0)
+        except Exception as error:  # it is being thrown away anyway
+            log.warning("dropping a kafka producer: %r", error)
 
     async def publish(self, records: Sequence[Record], wait_seconds: float) -> list[bool]:
         """Produce every record; True where the broker acknowledged it within wait_seconds.

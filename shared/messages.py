@@ -88,7 +88,7 @@ class Message(BaseModel):
 
     item_id: PositiveId
     task_id: Annotated[int, Field(ge=1, le=BIGINT_MAX)] | None = None
-    retry_count: Annotated[int, Field(ge=0)] = 0
+    retry_count: Annotated[int, Field(ge=0, le=1000)] = 0
     timestamp: Any = None
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from shared.errors import IdempotencyConflict
 from shared.schemas import Ad
 
 _AD_BY_ID = """
@@ -47,10 +48,13 @@ async def insert_task(
     if row is not None:
         return int(row["id"]), True
     cursor = await conn.execute(
-        "SELECT id FROM moderation_results WHERE idempotency_key = %s", (idempotency_key,)
+        "SELECT id, item_id FROM moderation_results WHERE idempotency_key = %s",
+        (idempotency_key,),
     )
     existing = await cursor.fetchone()
     assert existing is not None, "a conflicting idempotency key must have a row"
+    if existing["item_id"] != item_id:
+        raise IdempotencyConflict()
     return int(existing["id"]), False
 
 
@@ -136,7 +140,8 @@ async def lock_unpublished(
 async def mark_published(conn: psycopg.AsyncConnection[Any], outbox_ids: list[int]) -> None:
     if outbox_ids:
         await conn.execute(
-            "UPDATE outbox SET published_at = now() WHERE id = ANY(%s) AND published_at IS NULL",
+            "UPDATE outbox SET published_at = now(), publish_count = publish_count + 1"
+            " WHERE id = ANY(%s) AND published_at IS NULL",
             (outbox_ids,),
         )
 
@@ -144,10 +149,15 @@ async def mark_published(conn: psycopg.AsyncConnection[Any], outbox_ids: list[in
 async def requeue_stale_outbox(
     conn: psycopg.AsyncConnection[Any], *, older_than_seconds: float
 ) -> int:
-    """Mark unpublished again the outbox rows of tasks pending for longer than the given age."""
+    """Mark unpublished again the outbox rows of tasks still pending long after publishing.
+
+    "Long" doubles with every publish of the row (at most 2^10 times the base age), so a
+    consumer that is merely slow or down does not get the backlog sent again and again.
+    """
     cursor = await conn.execute(
         "UPDATE outbox SET published_at = NULL"
-        " WHERE published_at < now() - make_interval(secs => %s)"
+        " WHERE published_at < now()"
+        "   - make_interval(secs => %s * power(2, least(greatest(publish_count - 1, 0), 10)))"
         " AND task_id IN (SELECT id FROM moderation_results"
         "   WHERE status = 'pending' AND created_at < now() - make_interval(secs => %s))",
         (older_than_seconds, older_than_seconds),

@@ -15,7 +15,7 @@ settings_or_exit()
 
 async def accept(request: Request) -> TaskAccepted:
     item_id = await http.parse_item_id(request)
-    return await tasks.accept(item_id, request.headers.get("idempotency-key"))
+    return await tasks.accept(item_id, http.idempotency_key(request))
 
 
 async def relay(request: Request) -> dict[str, int]:

@@ -222,3 +222,52 @@ def test_relay_publishes_again_a_task_pending_long_after_its_record_was_publishe
     assert body["published"] >= 1
     records = kafka_topics.read(kafka_topics.moderation, expect=1)
     assert [orjson.loads(r.value())["task_id"] for r in records] == [stale]  # never `done`
+
+
+def test_async_predict_idempotency_key_of_another_item_is_422(
+    accept: TestClient, database_url: str
+) -> None:
+    first, second = insert_ad(database_url), insert_ad(database_url)
+    key = {"Idempotency-Key": f"shared-{first['item_id']}"}
+    assert (
+        accept.post("/async_predict", params={"item_id": first["item_id"]}, headers=key).status_code
+        == 200
+    )
+    response = accept.post("/async_predict", params={"item_id": second["item_id"]}, headers=key)
+    assert response.status_code == 422
+    assert "another item" in response.json()["detail"]
+
+
+def test_async_predict_overlong_idempotency_key_is_422(
+    accept: TestClient, database_url: str
+) -> None:
+    ad = insert_ad(database_url)
+    headers = {"Idempotency-Key": "k" * 3000}
+    response = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+
+
+def test_relay_requeue_backs_off_with_every_publish(
+    database_url: str,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ad = insert_ad(database_url)
+    with psycopg.connect(database_url) as conn:
+        (task_id,) = conn.execute(
+            "INSERT INTO moderation_results (item_id, created_at)"
+            " VALUES (%s, now() - interval '1 hour') RETURNING id",
+            (ad["item_id"],),
+        ).fetchone()  # type: ignore[misc]
+        # Published three times already, the last 90 s ago: due again only after 4 x 60 s.
+        conn.execute(
+            "INSERT INTO outbox (task_id, topic, key, payload, published_at, publish_count)"
+            " VALUES (%s, %s, %s, '{}', now() - interval '90 seconds', 3)",
+            (task_id, kafka_topics.moderation, str(ad["item_id"])),
+        )
+    monkeypatch.setenv("STALE_TASK_SECONDS", "60")
+    get_settings.cache_clear()
+    make_client("async_predict").post("/outbox/relay")
+    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]

@@ -273,3 +273,22 @@ def test_consumer_answers_500_when_retry_cannot_be_published(
     disposable_postgres.stop()
     headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
     assert client.post("/", headers=headers, content=body).status_code == 500
+
+
+def test_consumer_record_naming_another_items_task_leaves_that_task_alone(
+    post, database_url: str, kafka_topics: Topics
+) -> None:
+    ad, other = insert_ad(database_url), insert_ad(database_url)
+    task_id = insert_task(database_url, other["item_id"])
+    assert post(binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)) == 200
+    assert task_row(database_url, task_id)["status"] == "pending"
+    (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    assert orjson.loads(letter.value())["task_id"] is None
+
+
+def test_consumer_absurd_retry_count_is_a_poison_message(post, kafka_topics: Topics) -> None:
+    assert (
+        post(kafkasource_event(b'{"item_id": 1, "task_id": 1, "retry_count": 2147483647}')) == 200
+    )
+    (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    assert "retry_count" in orjson.loads(letter.value())["error"]

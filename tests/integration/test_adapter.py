@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import orjson
 import pytest
 from confluent_kafka import Producer
 
@@ -140,5 +141,74 @@ def test_adapter_holds_a_retry_until_its_due_time(kafka_topics: Topics, run_push
         delivered_at, headers, _ = sink.received[0]
         assert delivered_at - sent >= 1.5
         assert headers["ce-dueat"] == due.isoformat()
+    finally:
+        sink.close()
+
+
+class RejectingSink(Sink):
+    """Rejects records whose body is b"reject" with a 400, like a sink refusing bad input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                sink.attempts += 1
+                if body == b"reject":
+                    self.send_response(400)
+                else:
+                    sink.received.append((time.monotonic(), dict(self.headers), body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server.RequestHandlerClass = Handler
+
+
+def test_adapter_dead_letters_a_rejected_record_and_goes_on(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    sink = RejectingSink()
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
+                        f"g-{kafka_topics.moderation}", sink_url=sink.url,
+                        dead_letter_topic=kafka_topics.dlq)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b"reject", b"fine"])
+        wait_for(lambda: sink.received, 30, "the record behind the rejected one")
+        assert [body for _, _, body in sink.received] == [b"fine"]
+        (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+        value = orjson.loads(letter.value())
+        assert value["raw_payload"] == "reject"
+        assert "HTTP 400" in value["error"]
+        assert (value["origin_topic"], value["origin_offset"]) == (kafka_topics.moderation, 0)
+    finally:
+        sink.close()
+
+
+def test_adapter_delivers_records_with_binary_and_non_latin_keys(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    sink = Sink()
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
+                        f"g-{kafka_topics.moderation}", sink_url=sink.url)
+        )  # fmt: skip
+        producer = Producer(producer_config(kafka_topics.bootstrap_servers))
+        producer.produce(kafka_topics.moderation, value=b"1", key=b"\x00\x00\x00\x05")
+        producer.produce(kafka_topics.moderation, value=b"2", key="объявление".encode())
+        assert producer.flush(10) == 0
+        wait_for(lambda: len(sink.received) == 2, 30, "both records")
+        keys = sorted(headers["ce-key"] for _, headers, _ in sink.received)
+        assert keys == [
+            "%00%00%00%05",
+            "%D0%BE%D0%B1%D1%8A%D1%8F%D0%B2%D0%BB%D0%B5%D0%BD%D0%B8%D0%B5",
+        ]
     finally:
         sink.close()

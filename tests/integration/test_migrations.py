@@ -22,7 +22,7 @@ def empty_postgres() -> Iterator[str]:
 
 
 def test_migrate_creates_the_schema_and_is_safe_to_run_twice(empty_postgres: str) -> None:
-    assert apply_migrations(empty_postgres) == ["0001_initial"]
+    assert apply_migrations(empty_postgres) == ["0001_initial", "0002_outbox_publish_count"]
     assert apply_migrations(empty_postgres) == []
     with psycopg.connect(empty_postgres) as conn:
         tables = {
