@@ -21,9 +21,10 @@ pytestmark = pytest.mark.integration
 
 
 class Sink:
-    """An HTTP sink that fails the first `failures` requests, then records what it gets."""
+    """An HTTP sink that fails the first `failures` requests with 503 and rejects a body equal
+    to `reject` with 400; it records what it accepts."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, reject: bytes | None = None) -> None:
         self.failures = failures
         self.received: list[tuple[float, dict[str, str], bytes]] = []
         self.attempts = 0
@@ -35,6 +36,8 @@ class Sink:
                 sink.attempts += 1
                 if sink.attempts <= sink.failures:
                     self.send_response(503)
+                elif body == reject:
+                    self.send_response(400)
                 else:
                     sink.received.append((time.monotonic(), dict(self.headers), body))
                     self.send_response(200)
@@ -145,34 +148,10 @@ def test_adapter_holds_a_retry_until_its_due_time(kafka_topics: Topics, run_push
         sink.close()
 
 
-class RejectingSink(Sink):
-    """Rejects records whose body is b"reject" with a 400, like a sink refusing bad input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                sink.attempts += 1
-                if body == b"reject":
-                    self.send_response(400)
-                else:
-                    sink.received.append((time.monotonic(), dict(self.headers), body))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server.RequestHandlerClass = Handler
-
-
 def test_adapter_dead_letters_a_rejected_record_and_goes_on(
     kafka_topics: Topics, run_pusher
 ) -> None:
-    sink = RejectingSink()
+    sink = Sink(reject=b"reject")
     try:
         run_pusher(
             TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
