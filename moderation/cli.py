@@ -25,10 +25,7 @@ def require_database_url(database_url: str | None) -> str:
 
 
 def require_bootstrap_servers() -> str:
-    try:
-        bootstrap = get_settings().kafka_bootstrap_servers
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    bootstrap = get_settings().kafka_bootstrap_servers
     if not bootstrap:
         raise click.UsageError("no broker: set KAFKA_BOOTSTRAP_SERVERS")
     return bootstrap
@@ -49,6 +46,10 @@ def main(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:  # bad configuration stops every command at once, naming the variable
+        get_settings()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
 
 
 @main.command()
@@ -175,10 +176,7 @@ def dev_command(port: int, host: str) -> None:
     """
     from moderation import dev
 
-    try:
-        settings = get_settings()
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    settings = get_settings()
     dev.run(port, host, settings.database_url, settings.kafka_bootstrap_servers)
 
 

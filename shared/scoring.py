@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shared import db, repository
-from shared.config import get_settings
-from shared.errors import ItemNotFound, PayloadTooLarge
+from shared.errors import ItemNotFound
 from shared.model import get_model
 from shared.schemas import Ad, BatchPrediction, BatchResponse, Prediction
 
@@ -20,9 +19,7 @@ def predict(ad: Ad) -> Prediction:
 
 
 def predict_batch(ads: Sequence[Ad]) -> BatchResponse:
-    limit = get_settings().max_batch_size
-    if len(ads) > limit:
-        raise PayloadTooLarge(f"A batch holds at most {limit} items, got {len(ads)}")
+    """Score a batch; its size was checked (MAX_BATCH_SIZE) before its items were parsed."""
     model = get_model()
     results = [
         BatchPrediction(item_id=ad.item_id, is_violation=s.is_violation, probability=s.probability)

@@ -63,3 +63,11 @@ def test_demo_data_is_safe_to_insert_twice(empty_postgres: str) -> None:
     result = runner.invoke(main, ["demo-data"], env=env)
     assert result.exit_code == 0
     assert result.output.startswith("4 ads")
+
+
+def test_every_command_with_bad_configuration_fails_naming_the_variable() -> None:
+    for command in (["migrate"], ["relay", "--once"], ["adapter", "--sink", "http://x"], ["dev"]):
+        result = CliRunner().invoke(main, command, env={"MAX_RETRIES": "lots"})
+        assert result.exit_code == 1, command
+        assert "invalid configuration: MAX_RETRIES" in result.output
+        assert "Traceback" not in result.output
