@@ -3,6 +3,8 @@
 The pool is never created at import (functions-framework imports before it forks) and is
 bound to the event loop that opened it; a new loop (a test client) gets a new pool.
 Connection loss of any kind is turned into DatabaseUnavailable (503 / temporary error).
+psycopg itself is imported on first use: it is a fifth of a function's import time, and a
+cold `/predict` never needs it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
-import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from typing import TYPE_CHECKING, Any
 
 from shared.config import get_settings
 from shared.errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,9 @@ _pool_loop: asyncio.AbstractEventLoop | None = None
 
 
 def _new_pool(url: str) -> AsyncConnectionPool:
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
     settings = get_settings()
     return AsyncConnectionPool(
         url,
@@ -64,8 +70,11 @@ async def get_pool() -> AsyncConnectionPool:
 
 
 @asynccontextmanager
-async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
+async def connection() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A pooled connection; any loss of the database surfaces as DatabaseUnavailable."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
     pool = await get_pool()
     try:
         async with pool.connection() as conn:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-from psycopg.types.json import Jsonb
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import IdempotencyConflict
 from shared.schemas import Ad
+
+if TYPE_CHECKING:
+    import psycopg
 
 _AD_BY_ID = """
     SELECT a.id AS item_id, a.seller_id, u.is_verified_seller, a.name, a.description,
@@ -114,6 +114,8 @@ async def insert_outbox(
     payload: dict[str, Any],
     headers: dict[str, str],
 ) -> int:
+    from psycopg.types.json import Jsonb
+
     cursor = await conn.execute(
         "INSERT INTO outbox (task_id, topic, key, payload, headers) VALUES (%s, %s, %s, %s, %s)"
         " RETURNING id",
