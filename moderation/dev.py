@@ -102,8 +102,8 @@ class DevStack:
 
     def start(self) -> None:
         if self.database_url is None:
-            self.postgres = EmbeddedPostgres(self.state_dir / "postgres")
-            self.postgres.data_dir.mkdir(parents=True, exist_ok=True)
+            # A data directory of its own, deleted on stop: the dev database is throwaway.
+            self.postgres = EmbeddedPostgres()
             self.database_url = self.postgres.start()
             self.say("postgres", f"embedded  {self.database_url}")
         else:
