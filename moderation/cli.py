@@ -8,6 +8,8 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -21,7 +23,24 @@ database_url_option = click.option(
 def require_database_url(database_url: str | None) -> str:
     if not database_url:
         raise click.UsageError("no database: set DATABASE_URL or pass --database-url")
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError("the database URL must start with postgresql://")
     return database_url
+
+
+def database_errors_as_one_line() -> Any:
+    """A database that cannot be reached ends a command with one line, not a traceback."""
+    import psycopg
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise click.ClickException(f"database: {type(error).__name__}: {first_line}") from None
+
+    return guard()
 
 
 def require_bootstrap_servers() -> str:
@@ -58,7 +77,8 @@ def migrate(database_url: str | None) -> None:
     """Apply the schema migrations, and create the topics if a broker is set (safe to rerun)."""
     from moderation.migrate import apply_migrations
 
-    applied = apply_migrations(require_database_url(database_url))
+    with database_errors_as_one_line():
+        applied = apply_migrations(require_database_url(database_url))
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     if get_settings().kafka_bootstrap_servers:
         topics.callback()  # type: ignore[misc]
@@ -81,7 +101,9 @@ def demo_data(database_url: str | None) -> None:
     """Insert the demo sellers and ads (safe to run twice)."""
     from moderation.demo import insert_demo_data
 
-    click.echo(f"{insert_demo_data(require_database_url(database_url))} ads in the database")
+    with database_errors_as_one_line():
+        count = insert_demo_data(require_database_url(database_url))
+    click.echo(f"{count} ads in the database")
 
 
 @main.command()
@@ -135,7 +157,13 @@ def dlq_recorder(group: str) -> None:
 
 
 @main.command()
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between passes.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between passes.",
+)
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 def relay(interval: float, once: bool) -> None:
     """Publish outbox rows that were not published right after their commit."""
@@ -162,6 +190,8 @@ def gateway(host: str, port: int, backends: tuple[str, ...]) -> None:
 
     from moderation.gateway import create_gateway
 
+    if any("=" not in backend for backend in backends):
+        raise click.UsageError("--backend takes NAME=URL")
     table = dict(backend.split("=", 1) for backend in backends)
     uvicorn.run(create_gateway(table), host=host, port=port, log_level="warning")
 

@@ -48,6 +48,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def answers_http(url: str) -> bool:
     """True once anything answers HTTP at url (a CloudEvent function answers GET with 405)."""
     try:
@@ -101,6 +112,8 @@ class DevStack:
             print(f"{what:<20} {detail}", flush=True)
 
     def start(self) -> None:
+        if not port_is_free(self.host, self.port):
+            raise RuntimeError(f"port {self.port} is in use: stop what serves it, or set PORT")
         if self.database_url is None:
             # A data directory of its own, deleted on stop: the dev database is throwaway.
             self.postgres = EmbeddedPostgres()
@@ -163,8 +176,8 @@ class DevStack:
         where = probe_url.removesuffix("/health") if probe_url else f"pid {process.pid}"
         self.say(name, f"{where}  (log {log_path})")
 
-    def wait(self) -> None:
-        """Block until SIGINT/SIGTERM, or until a child dies."""
+    def wait(self) -> int:
+        """Block until SIGINT/SIGTERM (returns 0) or until a child dies (returns 1)."""
         stop = False
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -176,9 +189,14 @@ class DevStack:
         while not stop:
             for child in self.children:
                 if child.process.poll() is not None:
-                    print(f"{child.name} exited with code {child.process.returncode}", flush=True)
-                    return
+                    log_path = self.state_dir / f"{child.name}.log"
+                    print(
+                        f"{child.name} exited with code {child.process.returncode}; see {log_path}",
+                        flush=True,
+                    )
+                    return 1
             time.sleep(0.2)
+        return 0
 
     def stop(self) -> None:
         # SIGTERM, not SIGINT: an aio function stops in well under a second on SIGTERM.
@@ -228,11 +246,21 @@ def run(
     )
     # SIGTERM during start-up must still stop what was started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    code = 1
     try:
         stack.start()
         print_usage(stack.urls["gateway"])
-        stack.wait()
+        code = stack.wait()
+    except RuntimeError as error:
+        print(f"error: {error}", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C while starting
+        code = 0
     finally:
+        # A second Ctrl-C must not cut the clean-up short and leave servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping...", flush=True)
         stack.stop()
         print("stopped", flush=True)
+    if code:
+        sys.exit(code)

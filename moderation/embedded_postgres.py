@@ -63,13 +63,18 @@ class EmbeddedPostgres:
         return self.url
 
     def stop(self) -> None:
-        """Stop the server, keeping its data (fast shutdown: open connections are cut)."""
-        if self._server is None or not self.is_running():
+        """Stop the server, keeping its data (fast shutdown: open connections are cut).
+
+        Works by data directory, so a server whose start was interrupted is stopped too.
+        """
+        if not self.is_running():
             return
         pgserver = _pgserver()
-        pgserver.pg_ctl(
-            ["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user
-        )
+        if self._server is not None:
+            user = self._server.system_user
+        else:  # as root, pgserver runs the server as this system user
+            user = "pgserver" if os.geteuid() == 0 else None
+        pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=user)
 
     def is_running(self) -> bool:
         return (self.data_dir / "postmaster.pid").exists()

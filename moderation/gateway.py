@@ -5,6 +5,7 @@ In production a real gateway (nginx, Envoy, a Knative/Cloud Run domain mapping) 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -42,6 +43,8 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
         path = request.url.path
         if path in ("/health", "/moderation/health"):
             return JSONResponse({"status": "ok"})
+        if path in ("/ready", "/moderation/ready"):
+            return await ready()
         function = target_of(path)
         if function is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
@@ -63,6 +66,25 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
         response_headers.pop("content-length", None)
         response_headers.pop("content-encoding", None)
         return Response(upstream.content, upstream.status_code, headers=response_headers)
+
+    async def ready() -> Response:
+        """Ready when every function behind the gateway is ready."""
+
+        async def one(base: str) -> tuple[int, object]:
+            try:
+                response = await client.get(f"{base}/ready", timeout=5.0)
+                return response.status_code, response.json()
+            except (httpx.HTTPError, ValueError):
+                return 503, "unreachable"
+
+        names = sorted(set(backends))
+        answers = await asyncio.gather(*(one(backends[name]) for name in names))
+        ok = all(status == 200 for status, _ in answers)
+        body = {
+            "status": "ready" if ok else "not ready",
+            "functions": {name: answer for name, (_, answer) in zip(names, answers, strict=True)},
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 

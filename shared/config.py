@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_PATH = Path(__file__).parent / "default_model" / "model.onnx"
@@ -65,13 +65,23 @@ class Settings(BaseSettings):
             raise ValueError("must start with postgresql:// (or postgres://)")
         return value
 
+    @model_validator(mode="after")
+    def _ranges_in_order(self) -> Settings:
+        if self.database_pool_min_size > self.database_pool_max_size:
+            raise ValueError("DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE")
+        if self.retry_backoff_base_seconds > self.retry_backoff_max_seconds:
+            raise ValueError("RETRY_BACKOFF_BASE_SECONDS must not exceed RETRY_BACKOFF_MAX_SECONDS")
+        return self
+
 
 def describe_error(error: ValidationError) -> str:
     """One line naming each bad variable, never echoing a value (it may be a secret)."""
     parts = []
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"]).upper()
-        parts.append(f"{name}: {item['msg']}")
+        parts.append(
+            f"{name}: {item['msg']}" if name else item["msg"].removeprefix("Value error, ")
+        )
     return "invalid configuration: " + "; ".join(parts)
 
 

@@ -65,6 +65,10 @@ class Router:
         try:
             handler, params = self._match(request.method, request.url.path)
             result = await handler(request, **params)
+        except _MethodNotAllowed as error:
+            response = error_response(error.status, error.detail)
+            response.headers["Allow"] = ", ".join(error.detail_value)
+            return response
         except ModerationError as error:
             return error_response(error.status, error.detail_value)
         except Exception:
@@ -88,7 +92,7 @@ class Router:
                     return route.handler, found.groupdict()
                 allowed.append(route.method)
             if allowed:
-                raise _MethodNotAllowed()
+                raise _MethodNotAllowed(sorted(set(allowed)))
         raise _NotFound()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,22 +94,31 @@ def load_model(path: Path) -> Model:
     return model
 
 
+# After a failed load, requests are answered 503 at once for this long before loading again,
+# so a broken model file is not re-read on every request.
+RELOAD_AFTER_FAILURE_SECONDS = 1.0
+
 _lock = threading.Lock()
 _model: Model | None = None
 _last_error: str | None = None
+_failed_at = float("-inf")
 
 
 def get_model() -> Model:
-    """The process's model; loads it on first use, retries on later calls if that failed."""
-    global _model, _last_error
+    """The process's model; loads it on first use, tries again (at most once a second) if that
+    failed, so a model that appears later is picked up."""
+    global _model, _last_error, _failed_at
     if _model is not None:
         return _model
     with _lock:
         if _model is None:
+            if time.monotonic() - _failed_at < RELOAD_AFTER_FAILURE_SECONDS:
+                raise ModelUnavailable()
             path = get_settings().model_path
             try:
                 _model = load_model(path)
             except (ModelUnavailable, ScoringFailed) as error:
+                _failed_at = time.monotonic()
                 message = str(error)
                 if message != _last_error:  # one log line per distinct failure, not per request
                     log.error("model is not available: %s", message)
@@ -121,7 +131,8 @@ def get_model() -> Model:
 
 def reset() -> None:
     """Forget the loaded model (tests, or a process that swaps MODEL_PATH)."""
-    global _model, _last_error
+    global _model, _last_error, _failed_at
     with _lock:
         _model = None
         _last_error = None
+        _failed_at = float("-inf")

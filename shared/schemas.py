@@ -11,6 +11,7 @@ INT32_MAX = 2_147_483_647
 BIGINT_MAX = 9_223_372_036_854_775_807
 
 PositiveId = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
@@ -24,7 +25,7 @@ class Ad(BaseModel):
     item_id: PositiveId
     name: str
     description: str
-    category: Count
+    category: Int32
     images_qty: Count
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -67,3 +68,16 @@ def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.
     _, alive = psutil.wait_procs(children, timeout=15)
     assert alive == [], [p.pid for p in alive]
     assert not _answers(f"{base}/health")
+
+
+def test_dev_command_on_a_busy_port_says_so_and_fails() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "moderation", "dev", "--port", str(port)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"port {port} is in use" in result.stdout

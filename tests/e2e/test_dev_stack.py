@@ -54,6 +54,9 @@ def test_stack_serves_every_route_on_one_base_url(driver: Driver) -> None:
         result = driver.http.get(f"{prefix}/moderation_result/{accepted.json()['task_id']}")
         assert result.status_code == 200
     assert driver.http.get("/nothing/here").status_code == 404
+    ready = driver.http.get("/moderation/ready")
+    assert ready.status_code == 200
+    assert set(ready.json()["functions"]) == {"predict", "async_predict", "get_result"}
 
 
 def test_async_task_completes_with_the_same_probability_as_predict(driver: Driver) -> None:

@@ -100,6 +100,11 @@ def test_predict_negative_images_is_422(client: TestClient) -> None:
     assert client.post("/predict", json={**AD, "images_qty": -1}).status_code == 422
 
 
+@pytest.mark.parametrize(("category", "status"), [(-1, 200), (2147483647, 200), (2147483648, 422)])
+def test_predict_category_is_any_int32(client: TestClient, category: int, status: int) -> None:
+    assert client.post("/predict", json={**AD, "category": category}).status_code == status
+
+
 def test_predict_batch_scores_each_item_like_predict(client: TestClient) -> None:
     items = [
         {**AD, "item_id": 1, "is_verified_seller": False, "images_qty": 0},
@@ -144,7 +149,9 @@ def test_predict_body_over_one_mebibyte_is_413(client: TestClient) -> None:
 def test_predict_unknown_path_is_404_and_wrong_method_is_405(client: TestClient) -> None:
     assert client.post("/nope", json=AD).status_code == 404
     assert client.get("/moderation/nope").json() == {"detail": "Not Found"}
-    assert client.get("/predict").status_code == 405
+    wrong_method = client.get("/predict")
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["Allow"] == "POST"
 
 
 def test_predict_ready_without_database_is_503_naming_the_check(client: TestClient) -> None:

@@ -71,3 +71,17 @@ def test_every_command_with_bad_configuration_fails_naming_the_variable() -> Non
         assert result.exit_code == 1, command
         assert "invalid configuration: MAX_RETRIES" in result.output
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://localhost/db", "must start with postgresql://"),
+        ("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "database: OperationalError"),
+    ],
+)
+def test_migrate_with_a_bad_database_url_fails_with_one_line(url: str, expected: str) -> None:
+    result = CliRunner().invoke(main, ["migrate", "--database-url", url])
+    assert result.exit_code != 0
+    assert expected in result.output
+    assert "Traceback" not in result.output

@@ -56,3 +56,20 @@ def test_settings_or_exit_ends_the_process_with_one_line(monkeypatch: pytest.Mon
 def test_settings_empty_database_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "  ")
     assert Settings().database_url is None
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [
+        (("DATABASE_POOL_MIN_SIZE", "20"), ("DATABASE_POOL_MAX_SIZE", "10")),
+        (("RETRY_BACKOFF_BASE_SECONDS", "60"), ("RETRY_BACKOFF_MAX_SECONDS", "30")),
+    ],
+)
+def test_settings_ranges_out_of_order_fail_naming_both(
+    monkeypatch: pytest.MonkeyPatch, low: tuple[str, str], high: tuple[str, str]
+) -> None:
+    for name, value in (low, high):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        get_settings()
+    assert low[0] in str(raised.value) and high[0] in str(raised.value)
