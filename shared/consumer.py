@@ -65,11 +65,10 @@ async def handle(data: Any, attributes: dict[str, Any]) -> str:
         return await _score(delivery)
     except ModerationError as error:
         return await _on_failure(delivery, error)
-    except Exception as error:  # a bug: retried like a temporary error, never lost
+    except Exception:  # a bug: retried like a temporary error, never lost
+        # The details go to the log only: error_message is shown to API clients.
         log.exception("unexpected error while moderating")
-        return await _on_failure(
-            delivery, ScoringFailed(f"unexpected error: {error!r}"), temporary=True
-        )
+        return await _on_failure(delivery, ScoringFailed(), temporary=True)
 
 
 async def _score(delivery: Delivery) -> str:
