@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 TOPICS_CHECK_INTERVAL = 5.0
 STALE_CHECK_INTERVAL = 10.0
+PRUNE_INTERVAL = 600.0
 
 
 def project_topics() -> dict[str, int]:
@@ -41,9 +42,16 @@ def ensure_project_topics() -> list[str]:
 async def run(interval: float = 1.0, once: bool = False) -> int:
     """Relay until cancelled (or one pass with once=True); returns rows published."""
     total = 0
-    topics_checked = stale_checked = 0.0
+    topics_checked = stale_checked = pruned_at = 0.0
     try:
         while True:
+            if time.monotonic() - pruned_at > PRUNE_INTERVAL:
+                try:
+                    if pruned := await tasks.prune_outbox():
+                        log.info("relay: pruned %d published outbox rows", pruned)
+                    pruned_at = time.monotonic()
+                except Exception as error:
+                    log.warning("relay: outbox not pruned: %r", error)
             if time.monotonic() - stale_checked > STALE_CHECK_INTERVAL:
                 try:
                     await tasks.requeue_stale()

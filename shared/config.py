@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     relay_batch_size: Annotated[int, Field(ge=1)] = 500
     # A task still pending this long after its record was published gets it published again.
     stale_task_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # Published outbox rows of finished tasks are deleted after this long (default 7 days).
+    outbox_retention_seconds: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
 
     model_path: Path = DEFAULT_MODEL_PATH
     max_batch_size: Annotated[int, Field(ge=1)] = 1000

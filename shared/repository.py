@@ -165,3 +165,14 @@ async def requeue_stale_outbox(
         (older_than_seconds, older_than_seconds),
     )
     return cursor.rowcount
+
+
+async def prune_outbox(conn: psycopg.AsyncConnection[Any], *, older_than_seconds: float) -> int:
+    """Delete published outbox rows of finished tasks older than the given age."""
+    cursor = await conn.execute(
+        "DELETE FROM outbox o USING moderation_results t"
+        " WHERE t.id = o.task_id AND t.status <> 'pending'"
+        " AND o.published_at < now() - make_interval(secs => %s)",
+        (older_than_seconds,),
+    )
+    return cursor.rowcount

@@ -76,6 +76,13 @@ async def requeue_stale() -> int:
     return requeued
 
 
+async def prune_outbox() -> int:
+    """Delete what the outbox no longer needs: published rows of finished tasks, past retention."""
+    retention = get_settings().outbox_retention_seconds
+    async with db.connection() as conn:
+        return await repository.prune_outbox(conn, older_than_seconds=retention)
+
+
 async def relay_once(grace_seconds: float | None = None) -> int:
     """Publish unpublished outbox rows (oldest first); returns how many were published.
 

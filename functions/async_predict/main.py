@@ -21,7 +21,8 @@ async def accept(request: Request) -> TaskAccepted:
 async def relay(request: Request) -> dict[str, int]:
     """For a scheduler (Cloud Scheduler, CronJob): publish what the outbox still holds."""
     requeued = await tasks.requeue_stale()
-    return {"published": await tasks.relay_once(), "requeued": requeued}
+    published = await tasks.relay_once()
+    return {"published": published, "requeued": requeued, "pruned": await tasks.prune_outbox()}
 
 
 router = http.Router(

@@ -271,3 +271,38 @@ def test_relay_requeue_backs_off_with_every_publish(
     get_settings.cache_clear()
     make_client("async_predict").post("/outbox/relay")
     assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
+
+
+def test_relay_prunes_old_published_rows_of_finished_tasks_only(
+    database_url: str,
+    kafka_topics: Topics,
+    make_client: Callable[[str], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ad = insert_ad(database_url)
+    rows = {}
+    with psycopg.connect(database_url) as conn:
+        for name, status, published in [
+            ("old_done", "completed", "now() - interval '2 hours'"),
+            ("new_done", "completed", "now()"),
+            ("old_pending", "pending", "now() - interval '2 hours'"),
+        ]:
+            processed = "NULL" if status == "pending" else "now()"
+            (task_id,) = conn.execute(
+                f"INSERT INTO moderation_results (item_id, status, processed_at)"
+                f" VALUES (%s, %s, {processed}) RETURNING id",
+                (ad["item_id"], status),
+            ).fetchone()  # type: ignore[misc]
+            conn.execute(
+                f"INSERT INTO outbox (task_id, topic, key, payload, published_at, publish_count)"
+                f" VALUES (%s, %s, %s, '{{}}', {published}, 1)",
+                (task_id, kafka_topics.moderation, str(ad["item_id"])),
+            )
+            rows[name] = task_id
+    monkeypatch.setenv("OUTBOX_RETENTION_SECONDS", "3600")
+    monkeypatch.setenv("STALE_TASK_SECONDS", "86400")
+    get_settings.cache_clear()
+    assert make_client("async_predict").post("/outbox/relay").json()["pruned"] >= 1
+    assert outbox_rows(database_url, rows["old_done"]) == []
+    assert outbox_rows(database_url, rows["new_done"]) == [(kafka_topics.moderation, True)]
+    assert outbox_rows(database_url, rows["old_pending"]) == [(kafka_topics.moderation, True)]
