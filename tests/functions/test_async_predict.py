@@ -140,20 +140,43 @@ def test_async_predict_broker_down_still_accepts_and_relay_publishes_later(
     assert [orjson.loads(r.value())["task_id"] for r in records] == [task_id]
 
 
+def task_with_outbox(
+    database_url: str,
+    topic: str,
+    item_id: int,
+    *,
+    status: str = "pending",
+    age_seconds: float = 0,
+    published_seconds_ago: float | None = None,
+    publish_count: int = 0,
+) -> int:
+    """A task and its outbox row as the database would hold them, made directly."""
+    payload = orjson.dumps({"item_id": item_id}).decode()
+    with psycopg.connect(database_url) as conn:
+        (task_id,) = conn.execute(
+            "INSERT INTO moderation_results (item_id, status, created_at, processed_at)"
+            " VALUES (%s, %s, now() - make_interval(secs => %s),"
+            "  CASE WHEN %s = 'pending' THEN NULL ELSE now() END) RETURNING id",
+            (item_id, status, age_seconds, status),
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(
+            "INSERT INTO outbox (task_id, topic, key, payload, created_at, published_at,"
+            " publish_count) VALUES (%s, %s, %s, jsonb_set(%s::jsonb, '{task_id}', to_jsonb(%s)),"
+            " now() - make_interval(secs => %s),"
+            " now() - make_interval(secs => %s::float8), %s)",
+            (task_id, topic, str(item_id), payload, task_id, age_seconds,
+             published_seconds_ago, publish_count),
+        )  # fmt: skip
+    return int(task_id)
+
+
 def test_relay_leaves_fresh_rows_to_the_publish_after_commit(
     database_url: str, kafka_topics: Topics, make_client: Callable[[str], TestClient]
 ) -> None:
     """A crash between commit and publish leaves a row the relay picks up once it is due."""
     ad = insert_ad(database_url)
-    with psycopg.connect(database_url) as conn:  # what a crashed request leaves behind
-        (task_id,) = conn.execute(
-            "INSERT INTO moderation_results (item_id) VALUES (%s) RETURNING id", (ad["item_id"],)
-        ).fetchone()  # type: ignore[misc]
-        conn.execute(
-            "INSERT INTO outbox (task_id, topic, key, payload) VALUES (%s, %s, %s, %s)",
-            (task_id, kafka_topics.moderation, str(ad["item_id"]),
-             orjson.dumps({"item_id": ad["item_id"], "task_id": task_id}).decode()),
-        )  # fmt: skip
+    # What a crashed request leaves behind: committed, never published.
+    task_id = task_with_outbox(database_url, kafka_topics.moderation, ad["item_id"])
     client = make_client("async_predict")
     client.portal.call(tasks.relay_once, 3600.0)  # type: ignore[union-attr]
     assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, False)]
@@ -198,22 +221,11 @@ def test_relay_publishes_again_a_task_pending_long_after_its_record_was_publishe
 ) -> None:
     """A record lost after publishing (a broker that forgot it) does not strand its task."""
     ad = insert_ad(database_url)
-    with psycopg.connect(database_url) as conn:
-        stale, done = (
-            conn.execute(
-                "INSERT INTO moderation_results (item_id, status, processed_at, created_at)"
-                " VALUES (%s, %s, %s, now() - interval '1 hour') RETURNING id",
-                (ad["item_id"], status, None if status == "pending" else "now()"),
-            ).fetchone()[0]  # type: ignore[index]
-            for status in ("pending", "completed")
-        )
-        for task_id in (stale, done):
-            conn.execute(
-                "INSERT INTO outbox (task_id, topic, key, payload, created_at, published_at)"
-                " VALUES (%s, %s, %s, %s, now() - interval '1 hour', now() - interval '1 hour')",
-                (task_id, kafka_topics.moderation, str(ad["item_id"]),
-                 orjson.dumps({"item_id": ad["item_id"], "task_id": task_id}).decode()),
-            )  # fmt: skip
+    stale, _done = (
+        task_with_outbox(database_url, kafka_topics.moderation, ad["item_id"], status=status,
+                         age_seconds=3600, published_seconds_ago=3600, publish_count=1)
+        for status in ("pending", "completed")
+    )  # fmt: skip
     monkeypatch.setenv("STALE_TASK_SECONDS", "60")
     monkeypatch.setenv("RELAY_GRACE_SECONDS", "0")
     get_settings.cache_clear()
@@ -255,18 +267,15 @@ def test_relay_requeue_backs_off_with_every_publish(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ad = insert_ad(database_url)
-    with psycopg.connect(database_url) as conn:
-        (task_id,) = conn.execute(
-            "INSERT INTO moderation_results (item_id, created_at)"
-            " VALUES (%s, now() - interval '1 hour') RETURNING id",
-            (ad["item_id"],),
-        ).fetchone()  # type: ignore[misc]
-        # Published three times already, the last 90 s ago: due again only after 4 x 60 s.
-        conn.execute(
-            "INSERT INTO outbox (task_id, topic, key, payload, published_at, publish_count)"
-            " VALUES (%s, %s, %s, '{}', now() - interval '90 seconds', 3)",
-            (task_id, kafka_topics.moderation, str(ad["item_id"])),
-        )
+    # Published three times already, the last 90 s ago: due again only after 4 x 60 s.
+    task_id = task_with_outbox(
+        database_url,
+        kafka_topics.moderation,
+        ad["item_id"],
+        age_seconds=3600,
+        published_seconds_ago=90,
+        publish_count=3,
+    )
     monkeypatch.setenv("STALE_TASK_SECONDS", "60")
     get_settings.cache_clear()
     make_client("async_predict").post("/outbox/relay")
@@ -280,25 +289,15 @@ def test_relay_prunes_old_published_rows_of_finished_tasks_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ad = insert_ad(database_url)
-    rows = {}
-    with psycopg.connect(database_url) as conn:
+    rows = {
+        name: task_with_outbox(database_url, kafka_topics.moderation, ad["item_id"],
+                               status=status, published_seconds_ago=published, publish_count=1)
         for name, status, published in [
-            ("old_done", "completed", "now() - interval '2 hours'"),
-            ("new_done", "completed", "now()"),
-            ("old_pending", "pending", "now() - interval '2 hours'"),
-        ]:
-            processed = "NULL" if status == "pending" else "now()"
-            (task_id,) = conn.execute(
-                f"INSERT INTO moderation_results (item_id, status, processed_at)"
-                f" VALUES (%s, %s, {processed}) RETURNING id",
-                (ad["item_id"], status),
-            ).fetchone()  # type: ignore[misc]
-            conn.execute(
-                f"INSERT INTO outbox (task_id, topic, key, payload, published_at, publish_count)"
-                f" VALUES (%s, %s, %s, '{{}}', {published}, 1)",
-                (task_id, kafka_topics.moderation, str(ad["item_id"])),
-            )
-            rows[name] = task_id
+            ("old_done", "completed", 7200),
+            ("new_done", "completed", 0),
+            ("old_pending", "pending", 7200),
+        ]
+    }  # fmt: skip
     monkeypatch.setenv("OUTBOX_RETENTION_SECONDS", "3600")
     monkeypatch.setenv("STALE_TASK_SECONDS", "86400")
     get_settings.cache_clear()
