@@ -16,7 +16,8 @@ import click
 import httpx
 import psycopg
 
-from moderation.dev import DevStack, free_port
+from moderation.dev import DevStack
+from moderation.ports import free_port
 from shared.config import get_settings
 
 

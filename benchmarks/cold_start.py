@@ -19,7 +19,8 @@ import click
 import httpx
 
 from model_export.training import train_default
-from moderation.dev import free_port, function_command
+from moderation.dev import function_command
+from moderation.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 AD = {

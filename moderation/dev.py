@@ -20,6 +20,7 @@ from moderation.demo import insert_demo_data
 from moderation.embedded_kafka import EmbeddedKafka
 from moderation.embedded_postgres import EmbeddedPostgres
 from moderation.migrate import REPO_ROOT, apply_migrations
+from moderation.ports import free_port, port_is_free
 from shared.kafka_admin import ensure_topics
 
 FUNCTIONS_DIR = REPO_ROOT / "functions"
@@ -38,25 +39,6 @@ def function_command(target: str, port: int, host: str = "127.0.0.1") -> list[st
 
 def moderation_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "moderation", *args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def answers_http(url: str) -> bool:

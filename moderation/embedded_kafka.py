@@ -27,6 +27,7 @@ from types import TracebackType
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from moderation.ports import free_port, port_is_free
 from shared.kafka_admin import admin_config
 
 __all__ = ["EmbeddedKafka", "EmbeddedKafkaError", "tansu_binary"]
@@ -70,24 +71,6 @@ def tansu_binary() -> Path:
     if not os.access(binary, os.X_OK):
         raise EmbeddedKafkaError(f"the broker binary {binary} is not executable: chmod +x it")
     return binary
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Same option the broker binds with, so a port in TIME_WAIT after a restart counts
-        # as free while a port someone listens on does not.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def _accepts_connections(host: str, port: int) -> bool:
@@ -181,8 +164,8 @@ class EmbeddedKafka:
             return self.bootstrap_servers
         binary = tansu_binary()
         if self._port is None:
-            self._port = _free_port(self.host)
-        elif not _port_is_free(self.host, self._port):
+            self._port = free_port(self.host)
+        elif not port_is_free(self.host, self._port):
             # Checked up front: otherwise the readiness probe could be answered by whatever
             # already listens there while Tansu itself dies on the bind.
             raise EmbeddedKafkaError(f"port {self.bootstrap_servers} is already in use")
