@@ -12,10 +12,10 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 __all__ = [
     "DEFAULT_PARTITIONS",
@@ -161,6 +161,10 @@ def ensure_topics(
     Raises `KafkaSetupError` if the broker does not answer or refuses a topic
     within `timeout` seconds in total, `ValueError` for an invalid request.
     """
+    # Imported here, not at the top: functions that only read results never load librdkafka.
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
     wanted = _wanted_partitions(topics, partitions)
     deadline = time.monotonic() + timeout
     admin = AdminClient(admin_config(bootstrap_servers))
@@ -234,6 +238,8 @@ def _wanted_partitions(
 
 def _existing_topics(admin: AdminClient, bootstrap_servers: str, deadline: float) -> dict[str, int]:
     """Name -> partition count of the topics the broker has now."""
+    from confluent_kafka import KafkaException
+
     try:
         metadata = admin.list_topics(timeout=_remaining(deadline))
     except KafkaException as exc:

@@ -129,6 +129,15 @@ def get_model() -> Model:
     return _model
 
 
+async def ready() -> bool:
+    """For /ready: the model is loaded, or loads now."""
+    try:
+        get_model()
+    except ModelUnavailable:
+        return False
+    return True
+
+
 def reset() -> None:
     """Forget the loaded model (tests, or a process that swaps MODEL_PATH)."""
     global _model, _last_error, _failed_at

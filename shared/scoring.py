@@ -36,15 +36,3 @@ async def predict_stored(item_id: int) -> Prediction:
     if ad is None:
         raise ItemNotFound()
     return predict(ad)
-
-
-async def model_ready() -> bool:
-    try:
-        get_model()
-    except Exception:
-        return False
-    return True
-
-
-async def database_ready() -> bool:
-    return await db.ping()

@@ -6,7 +6,7 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import http, scoring, tasks
+from shared import db, http, tasks
 from shared.config import settings_or_exit
 from shared.schemas import TaskAccepted
 
@@ -28,7 +28,7 @@ async def relay(request: Request) -> dict[str, int]:
 router = http.Router(
     http.Route("POST", "/async_predict", accept),
     http.Route("POST", "/outbox/relay", relay),
-    *http.health_routes(database=scoring.database_ready),
+    *http.health_routes(database=db.ping),
 )
 
 

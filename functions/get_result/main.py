@@ -6,7 +6,7 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import http, scoring, tasks
+from shared import db, http, tasks
 from shared.config import settings_or_exit
 from shared.schemas import TaskIdPath, TaskResult
 
@@ -20,7 +20,7 @@ async def moderation_result(request: Request, task_id: str) -> TaskResult:
 
 router = http.Router(
     http.Route("GET", "/moderation_result/{task_id}", moderation_result),
-    *http.health_routes(database=scoring.database_ready),
+    *http.health_routes(database=db.ping),
 )
 
 

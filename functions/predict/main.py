@@ -6,7 +6,7 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import http, scoring
+from shared import db, http, model, scoring
 from shared.config import settings_or_exit
 from shared.schemas import Ad, BatchResponse, Prediction
 
@@ -30,7 +30,7 @@ router = http.Router(
     http.Route("POST", "/predict", predict_ad),
     http.Route("POST", "/predict/batch", predict_batch),
     http.Route("POST", "/simple_predict", simple_predict),
-    *http.health_routes(model=scoring.model_ready, database=scoring.database_ready),
+    *http.health_routes(model=model.ready, database=db.ping),
 )
 
 
