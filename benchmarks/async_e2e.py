@@ -16,8 +16,8 @@ import click
 import httpx
 import psycopg
 
-from moderation.dev import DevStack
-from moderation.ports import free_port
+from moderation.dev.ports import free_port
+from moderation.dev.stack import DevStack
 from shared.config import get_settings
 
 

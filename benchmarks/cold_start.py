@@ -19,8 +19,8 @@ import click
 import httpx
 
 from model_export.training import train_default
-from moderation.dev import function_command
-from moderation.ports import free_port
+from moderation.dev.ports import free_port
+from moderation.dev.stack import function_command
 
 ROOT = Path(__file__).resolve().parent.parent
 AD = {

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
 from shared.kafka_admin import producer_config
 from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
@@ -91,7 +92,8 @@ class TopicPusher(ConsumerLoop):
     """One consumer (one thread) pushing its partitions' records to the sink."""
 
     # A sink may take up to request_timeout to answer while nothing is polled: stay in the
-    # group well past that (the project's default of 10 s would evict a slow delivery).
+    # group well past that, but hand a hung pusher's partitions on within a minute (librdkafka's
+    # default is five).
     extra_config: ClassVar[dict[str, Any]] = {"max.poll.interval.ms": 45_000}
 
     sink_url: str = ""
@@ -108,6 +110,7 @@ class TopicPusher(ConsumerLoop):
         with httpx.Client(timeout=self.request_timeout) as client:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
+                heartbeat.beat()
                 if message is None:
                     continue
                 if message.error():
@@ -216,6 +219,7 @@ class TopicPusher(ConsumerLoop):
         from confluent_kafka import TopicPartition
 
         message = consumer.poll(max(seconds, 0))
+        heartbeat.beat()
         if message is not None and not message.error():
             consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
 

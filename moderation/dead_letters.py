@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class DeadLetterRecorder(ConsumerLoop):
         try:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
+                heartbeat.beat()
                 if message is None or message.error():
                     continue
                 backoff = 0.2

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 from pathlib import Path
 
 from yoyo import get_backend, read_migrations
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# A source checkout (editable install) reads migrations/ at the top of the tree; an installed
+# wheel carries the same files as the package `moderation.migrations`.
+_SOURCE_TREE_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def migrations_dir() -> Path:
-    return Path(os.environ.get("MIGRATIONS_DIR", REPO_ROOT / "migrations"))
+    spec = importlib.util.find_spec("moderation.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return _SOURCE_TREE_MIGRATIONS
 
 
 def _yoyo_url(database_url: str) -> str:
@@ -25,8 +30,8 @@ def _yoyo_url(database_url: str) -> str:
 def apply_migrations(database_url: str) -> list[str]:
     """Apply what is not applied yet, under yoyo's lock; returns the ids applied now."""
     directory = migrations_dir()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"migrations directory {directory} not found (set MIGRATIONS_DIR)")
+    if not any(directory.glob("*.sql")):
+        raise FileNotFoundError(f"no migrations found in {directory}")
     backend = get_backend(_yoyo_url(database_url))
     try:
         migrations = read_migrations(str(directory))

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+from moderation import heartbeat
 from shared import db, tasks
 from shared.config import get_settings
 from shared.errors import ModerationError
@@ -39,12 +40,21 @@ def ensure_project_topics() -> list[str]:
     return list(ensure_topics(bootstrap, project_topics()))
 
 
+async def one_pass() -> dict[str, int]:
+    """One pass of each duty, as a scheduled job runs it: tasks requeued, rows published and
+    rows pruned."""
+    requeued = await tasks.requeue_stale()
+    published = await tasks.relay_once()
+    return {"published": published, "requeued": requeued, "pruned": await tasks.prune_outbox()}
+
+
 async def run(interval: float = 1.0, once: bool = False) -> int:
     """Relay until cancelled (or one pass with once=True); returns rows published."""
     total = 0
     topics_checked = stale_checked = pruned_at = 0.0
     try:
         while True:
+            heartbeat.beat()
             if time.monotonic() - pruned_at > PRUNE_INTERVAL:
                 try:
                     if pruned := await tasks.prune_outbox():

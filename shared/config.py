@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +18,52 @@ DEFAULT_MODEL_PATH = Path(__file__).parent / "default_model" / "model.onnx"
 
 class ConfigError(RuntimeError):
     """Bad configuration; the message is one line naming the variable."""
+
+
+KAFKA_ROLES = ("producer", "consumer", "admin")
+# Settings of this project that start with KAFKA_ but are not librdkafka properties.
+_KAFKA_OWN_SETTINGS = {"KAFKA_BOOTSTRAP_SERVERS"}
+# librdkafka properties whose values are secrets: never printed, logged or echoed.
+_SECRET_WORDS = ("password", "secret", "pem", "jaas", "token", "oauthbearer.config")
+REDACTED = "********"
+
+
+def kafka_properties_from(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """librdkafka properties from the environment, by one rule: `KAFKA_` + the property name
+    upper-cased with dots as underscores (`KAFKA_SASL_MECHANISM` -> `sasl.mechanism`) reaches
+    every client; `KAFKA_PRODUCER_`, `KAFKA_CONSUMER_` or `KAFKA_ADMIN_` before the name
+    reaches that kind of client only, and wins over the general one.
+
+    Returns {"all": {...}, "producer": {...}, "consumer": {...}, "admin": {...}}.
+    """
+    properties: dict[str, dict[str, str]] = {role: {} for role in ("all", *KAFKA_ROLES)}
+    for name, value in environ.items():
+        upper = name.upper()
+        if not upper.startswith("KAFKA_") or upper in _KAFKA_OWN_SETTINGS:
+            continue
+        rest = upper.removeprefix("KAFKA_")
+        role = next((r for r in KAFKA_ROLES if rest.startswith(f"{r.upper()}_")), "all")
+        if role != "all":
+            rest = rest[len(role) + 1 :]
+        if rest:
+            properties[role][rest.lower().replace("_", ".")] = value
+    return properties
+
+
+def is_secret(name: str) -> bool:
+    """True for a setting or librdkafka property whose value must never be shown."""
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced, for printing (`postgresql://app:********@db/app`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc[-1]}"))
 
 
 class Settings(BaseSettings):
@@ -30,6 +79,9 @@ class Settings(BaseSettings):
     database_timeout: Annotated[float, Field(gt=0)] = 5.0
 
     kafka_bootstrap_servers: str | None = None
+    # librdkafka properties from KAFKA_* variables (see kafka_properties_from); filled from the
+    # environment by _kafka_client_properties, never from a variable of its own.
+    kafka_client_properties: dict[str, dict[str, str]] = Field(default_factory=dict, exclude=True)
     moderation_topic: str = "moderation"
     retry_topic: str = "moderation_retry"
     dlq_topic: str = "moderation_dlq"
@@ -51,9 +103,19 @@ class Settings(BaseSettings):
     # Published outbox rows of finished tasks are deleted after this long (default 7 days).
     outbox_retention_seconds: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
 
+    # Workers without HTTP (adapter, relay, dead-letter recorder) touch this file while alive.
+    heartbeat_file: Path | None = None
+
     model_path: Path = DEFAULT_MODEL_PATH
     max_batch_size: Annotated[int, Field(ge=1)] = 1000
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kafka_client_properties(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kafka_client_properties" not in data:
+            data = {**data, "kafka_client_properties": kafka_properties_from(os.environ)}
+        return data
 
     @field_validator("database_url", "kafka_bootstrap_servers", mode="before")
     @classmethod
@@ -74,6 +136,20 @@ class Settings(BaseSettings):
         if self.retry_backoff_base_seconds > self.retry_backoff_max_seconds:
             raise ValueError("RETRY_BACKOFF_BASE_SECONDS must not exceed RETRY_BACKOFF_MAX_SECONDS")
         return self
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by its variable name, secrets replaced: safe to print or log."""
+        shown: dict[str, Any] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if name == "database_url" and value:
+                value = redact_url(value)
+            shown[name.upper()] = value
+        for role, properties in self.kafka_client_properties.items():
+            prefix = "KAFKA_" if role == "all" else f"KAFKA_{role.upper()}_"
+            for key, value in sorted(properties.items()):
+                name = prefix + key.upper().replace(".", "_")
+                shown[name] = REDACTED if is_secret(key) else value
+        return shown
 
 
 def describe_error(error: ValidationError) -> str:

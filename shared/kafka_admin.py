@@ -1,9 +1,10 @@
 """Kafka topic creation and the client configs every process uses.
 
-Plain functions, no dependency on other project modules, so the dev stack, the
-tests and the functions all build their clients the same way. The settings are
-tuned for the embedded Tansu broker (see `moderation.embedded_kafka`) and are
-valid for a real Kafka cluster too, except where a comment says otherwise.
+The defaults suit Apache Kafka, Redpanda and managed Kafka: librdkafka's own, plus what the
+project's guarantees rest on (idempotent producer, manual commits, oldest-first). Anything
+else, and any override, comes from KAFKA_* environment variables (see
+`shared.config.kafka_properties_from`); the embedded broker's tuning reaches the clients the
+same way, set by whoever starts that broker (`moderation.dev`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from shared.config import get_settings
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -28,38 +31,37 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARTITIONS = 3
+DEFAULT_PARTITIONS = 4
 
 # Kafka's own rule for topic names. Tansu accepts anything (even "a/b" or 0
 # partitions), so a typo would only fail later on a real cluster: check here.
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-# How long a client waits for a TCP connection before giving up on a broker.
-# A refused connection fails at once anyway; this is for an address that does
-# not answer at all (host down, dropped packets): 30 s by default.
-_CONNECT_TIMEOUT_MS = 5_000
-
-# Cap on the reconnect backoff. librdkafka's default grows to 10 s, so after a
-# broker restart clients would sit idle for up to 10 s before trying again.
-_RECONNECT_BACKOFF_MAX_MS = 1_000
 
 
 class KafkaSetupError(RuntimeError):
     """Topics could not be listed or created (broker down, refused, timed out)."""
 
 
-def admin_config(bootstrap_servers: str) -> dict[str, Any]:
-    """Config for an `AdminClient` (topic creation, metadata)."""
+def _client_config(
+    role: str, bootstrap_servers: str, defaults: Mapping[str, Any], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """defaults < the caller's extra < KAFKA_* < KAFKA_<ROLE>_* from the environment."""
+    properties = get_settings().kafka_client_properties
     return {
         "bootstrap.servers": bootstrap_servers,
-        # Give up on an unanswering address within seconds instead of 30 s.
-        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
-        # Come back quickly after a broker restart (default backoff grows to 10 s).
-        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
+        **defaults,
+        **extra,
+        **properties.get("all", {}),
+        **properties.get(role, {}),
     }
 
 
-def producer_config(bootstrap_servers: str) -> dict[str, Any]:
+def admin_config(bootstrap_servers: str, **extra: Any) -> dict[str, Any]:
+    """Config for an `AdminClient` (topic creation, metadata)."""
+    return _client_config("admin", bootstrap_servers, {}, extra)
+
+
+def producer_config(bootstrap_servers: str, **extra: Any) -> dict[str, Any]:
     """Config for a `Producer`: idempotent, acks=all, failures surface in ~10 s.
 
     With the embedded broker, a producer that lived through a broker restart is
@@ -76,8 +78,7 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
       `SystemError` whose `__cause__` is that `KafkaException`.
     Either way: flush what you can, drop the producer and build a new one.
     """
-    return {
-        "bootstrap.servers": bootstrap_servers,
+    defaults = {
         # Retries never duplicate or reorder records within a partition.
         "enable.idempotence": True,
         # Implied by idempotence; spelled out because durability depends on it.
@@ -86,14 +87,11 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
         # moderation decision is not latency-critical to the millisecond.
         "linger.ms": 5,
         # A record that cannot be delivered fails after 10 s instead of the
-        # 300 s default, so callers see a broker outage while it matters.
+        # 300 s default, so callers see a broker outage while it matters (the
+        # outbox keeps the task; the relay publishes it later).
         "message.timeout.ms": 10_000,
         # One stuck request is retried well inside message.timeout.ms (default 30 s).
         "request.timeout.ms": 5_000,
-        # Give up on an unanswering address within seconds instead of 30 s.
-        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
-        # Reconnect quickly after a broker restart (default backoff grows to 10 s).
-        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
         # allow.auto.create.topics stays at the producer default (true): after a
         # Tansu restart the first record recreates its topic (with the broker's
         # 4 partitions) within a second, before ensure_topics() runs. Turning it
@@ -101,49 +99,30 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
         # rejoined meanwhile was handed an empty assignment that Tansu kept
         # serving after the topic came back (stuck group, measured).
     }
+    return _client_config("producer", bootstrap_servers, defaults, extra)
 
 
-def consumer_config(bootstrap_servers: str, group_id: str) -> dict[str, Any]:
+def consumer_config(bootstrap_servers: str, group_id: str, **extra: Any) -> dict[str, Any]:
     """Config for a `Consumer` in group `group_id`; commit offsets yourself.
 
     Also the config for a consumer that uses `assign()` without a group: the
-    client still needs a group.id, and the timings below are then unused.
-
-    The group timings suit the embedded broker. A real Kafka cluster refuses a
-    session.timeout.ms below its group.min.session.timeout.ms (6 s by default)
-    with INVALID_SESSION_TIMEOUT; override those two keys there.
+    client still needs a group.id. Group timings are librdkafka's defaults,
+    which every Kafka accepts (a real broker refuses a session.timeout.ms
+    below its group.min.session.timeout.ms, 6 s by default); the embedded
+    broker needs shorter ones, which its starter sets through KAFKA_CONSUMER_*.
     """
-    return {
-        "bootstrap.servers": bootstrap_servers,
-        "group.id": group_id,
+    defaults = {
         # Commit only after a record is handled (at-least-once); auto-commit
         # would commit records that were fetched but not yet processed.
         "enable.auto.commit": False,
         # A new group starts from the oldest record. Never "latest": Tansu
         # reports a wrong end offset, so "latest" can skip or replay records.
         "auto.offset.reset": "earliest",
-        # Tansu answers a fetch only when fetch.wait.max.ms is over, even if
-        # data arrives meanwhile (default 500 ms: ~250 ms per record). Measured
-        # produce->consume p50/p95: 10 ms -> 8/12 ms, 25 ms -> 10/19 ms,
-        # 50 ms -> 14/31 ms; but 4 idle consumers cost Tansu 30% of a core at
-        # 10 ms, 16% at 25 ms, 9% at 50 ms.
-        "fetch.wait.max.ms": 25,
-        # Tansu's group join takes about session.timeout.ms / 2 (23 s with the
-        # 45 s default); 2 s gives a ~1 s join and a quick failover.
-        "session.timeout.ms": 2_000,
-        # Must be well below session.timeout.ms (default 3 s would exceed it).
-        "heartbeat.interval.ms": 500,
-        # Leave the group if a poll loop stalls for 10 s (default 5 min), so a
-        # hung worker's partitions move on; batches must be handled within it.
-        "max.poll.interval.ms": 10_000,
-        # Eager range only: cooperative-sticky stalls on Tansu, and the default
-        # list "range,roundrobin" would let one member pick another strategy.
-        "partition.assignment.strategy": "range",
-        # Give up on an unanswering address within seconds instead of 30 s.
-        "socket.connection.setup.timeout.ms": _CONNECT_TIMEOUT_MS,
-        # Reconnect quickly after a broker restart (default backoff grows to 10 s).
-        "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
     }
+    config = _client_config("consumer", bootstrap_servers, defaults, extra)
+    # Each caller's own group, never one set for every consumer by the environment.
+    config["group.id"] = group_id
+    return config
 
 
 def ensure_topics(

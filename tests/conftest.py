@@ -16,11 +16,16 @@ from confluent_kafka import OFFSET_BEGINNING
 from functions_framework import create_app
 from starlette.testclient import TestClient
 
-from moderation.embedded_kafka import EmbeddedKafka
-from moderation.embedded_postgres import EmbeddedPostgres
+from moderation.dev.embedded_kafka import CLIENT_TUNING, EmbeddedKafka
+from moderation.dev.embedded_postgres import EmbeddedPostgres
 from moderation.migrate import apply_migrations
 from shared import config, db, kafka, model
 from shared.kafka_admin import consumer_config, ensure_topics
+
+if not os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
+    # Every Kafka client of the tests, and of the processes they start, talks to an embedded
+    # broker: give them its tuning, as `moderation dev` gives it to its children.
+    os.environ.update(CLIENT_TUNING)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO_ROOT / "functions"

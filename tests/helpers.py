@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from moderation.ports import free_port
+from moderation.dev.ports import free_port
 
 __all__ = ["free_port", "wait_for"]
 

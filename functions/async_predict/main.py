@@ -18,16 +18,8 @@ async def accept(request: Request) -> TaskAccepted:
     return await tasks.accept(item_id, http.idempotency_key(request))
 
 
-async def relay(request: Request) -> dict[str, int]:
-    """For a scheduler (Cloud Scheduler, CronJob): publish what the outbox still holds."""
-    requeued = await tasks.requeue_stale()
-    published = await tasks.relay_once()
-    return {"published": published, "requeued": requeued, "pruned": await tasks.prune_outbox()}
-
-
 router = http.Router(
     http.Route("POST", "/async_predict", accept),
-    http.Route("POST", "/outbox/relay", relay),
     *http.health_routes(database=db.ping),
 )
 

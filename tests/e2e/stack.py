@@ -11,7 +11,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
-from moderation.dev import DevStack
+from moderation.dev.stack import DevStack
 from shared.kafka_admin import producer_config
 from tests.conftest import read_topic
 from tests.helpers import free_port, wait_for

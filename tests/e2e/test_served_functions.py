@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from moderation.dev import function_command
+from moderation.dev.stack import function_command
 from tests.conftest import REPO_ROOT, insert_ad
 from tests.helpers import free_port, wait_for
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import orjson
@@ -9,7 +10,8 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-from shared import tasks
+from moderation import relay
+from shared import db, tasks
 from shared.config import get_settings
 from tests.conftest import Topics, insert_ad
 
@@ -33,6 +35,18 @@ def accept(
     monkeypatch.setenv("PUBLISH_WAIT_SECONDS", "10")
     get_settings.cache_clear()
     return make_client("async_predict")
+
+
+def relay_pass() -> dict[str, int]:
+    """One pass of the outbox relay, as `moderation relay --once` runs it."""
+
+    async def one_pass() -> dict[str, int]:
+        try:
+            return await relay.one_pass()
+        finally:
+            await db.close()
+
+    return asyncio.run(one_pass())
 
 
 @pytest.fixture
@@ -132,8 +146,7 @@ def test_async_predict_broker_down_still_accepts_and_relay_publishes_later(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_topics.bootstrap_servers)
     monkeypatch.setenv("RELAY_GRACE_SECONDS", "0")
     get_settings.cache_clear()
-    relay = make_client("async_predict")
-    published = relay.post("/outbox/relay").json()["published"]
+    published = relay_pass()["published"]
     assert published >= 1
     assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
     records = kafka_topics.read(kafka_topics.moderation, expect=1)
@@ -229,7 +242,7 @@ def test_relay_publishes_again_a_task_pending_long_after_its_record_was_publishe
     monkeypatch.setenv("STALE_TASK_SECONDS", "60")
     monkeypatch.setenv("RELAY_GRACE_SECONDS", "0")
     get_settings.cache_clear()
-    body = make_client("async_predict").post("/moderation/outbox/relay").json()
+    body = relay_pass()
     assert body["requeued"] >= 1  # other tests' stale tasks may be requeued too
     assert body["published"] >= 1
     records = kafka_topics.read(kafka_topics.moderation, expect=1)
@@ -278,7 +291,7 @@ def test_relay_requeue_backs_off_with_every_publish(
     )
     monkeypatch.setenv("STALE_TASK_SECONDS", "60")
     get_settings.cache_clear()
-    make_client("async_predict").post("/outbox/relay")
+    relay_pass()
     assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
 
 
@@ -301,7 +314,12 @@ def test_relay_prunes_old_published_rows_of_finished_tasks_only(
     monkeypatch.setenv("OUTBOX_RETENTION_SECONDS", "3600")
     monkeypatch.setenv("STALE_TASK_SECONDS", "86400")
     get_settings.cache_clear()
-    assert make_client("async_predict").post("/outbox/relay").json()["pruned"] >= 1
+    assert relay_pass()["pruned"] >= 1
     assert outbox_rows(database_url, rows["old_done"]) == []
     assert outbox_rows(database_url, rows["new_done"]) == [(kafka_topics.moderation, True)]
     assert outbox_rows(database_url, rows["old_pending"]) == [(kafka_topics.moderation, True)]
+
+
+@pytest.mark.parametrize("path", ["/outbox/relay", "/moderation/outbox/relay"])
+def test_async_predict_serves_no_internal_relay_endpoint(accept: TestClient, path: str) -> None:
+    assert accept.post(path).status_code == 404

@@ -18,7 +18,7 @@ from cloudevents.http import CloudEvent
 from starlette.testclient import TestClient
 
 from moderation.dead_letters import record_failure
-from moderation.embedded_postgres import EmbeddedPostgres
+from moderation.dev.embedded_postgres import EmbeddedPostgres
 from shared.config import get_settings
 from tests.conftest import Topics, insert_ad
 

@@ -20,7 +20,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from moderation.embedded_kafka import EmbeddedKafka, EmbeddedKafkaError
+from moderation.dev.embedded_kafka import EmbeddedKafka, EmbeddedKafkaError
 from shared.kafka_admin import (
     KafkaSetupError,
     admin_config,

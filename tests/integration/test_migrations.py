@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from moderation.cli import main
-from moderation.embedded_postgres import EmbeddedPostgres
+from moderation.dev.embedded_postgres import EmbeddedPostgres
 from moderation.migrate import apply_migrations
 
 pytestmark = pytest.mark.integration

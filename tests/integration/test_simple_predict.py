@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from starlette.testclient import TestClient
 
-from moderation.embedded_postgres import EmbeddedPostgres
+from moderation.dev.embedded_postgres import EmbeddedPostgres
 from tests.conftest import insert_ad
 
 pytestmark = pytest.mark.integration

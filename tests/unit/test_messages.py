@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from moderation.adapter import cloudevent_request, due_time
-from moderation.gateway import target_of
+from moderation.dev.gateway import target_of
 from shared.consumer import retry_delay
 from shared.errors import InvalidMessage
 from shared.messages import (

@@ -20,7 +20,6 @@ ROUTES: dict[str, str] = {
     "/predict": "predict",
     "/simple_predict": "predict",
     "/async_predict": "async_predict",
-    "/outbox/relay": "async_predict",
     "/moderation_result": "get_result",
 }
 # Hop-by-hop headers are the proxy's own business, never forwarded.

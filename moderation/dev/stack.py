@@ -17,12 +17,14 @@ from pathlib import Path
 from types import FrameType
 
 from moderation.demo import insert_demo_data
-from moderation.embedded_kafka import EmbeddedKafka
-from moderation.embedded_postgres import EmbeddedPostgres
-from moderation.migrate import REPO_ROOT, apply_migrations
-from moderation.ports import free_port, port_is_free
+from moderation.dev.embedded_kafka import CLIENT_TUNING, EmbeddedKafka
+from moderation.dev.embedded_postgres import EmbeddedPostgres
+from moderation.dev.ports import free_port, port_is_free
+from moderation.migrate import apply_migrations
 from shared.kafka_admin import ensure_topics
 
+# The dev stack runs from a source checkout: the functions are served from their folders.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS_DIR = REPO_ROOT / "functions"
 HTTP_FUNCTIONS = ("predict", "async_predict", "get_result")
 CONSUMER = "moderation_consumer"
@@ -137,8 +139,11 @@ class DevStack:
 
     def env(self) -> dict[str, str]:
         assert self.database_url and self.kafka_bootstrap_servers
+        # The embedded broker's client tuning only when this stack started that broker.
+        tuning = CLIENT_TUNING if self.kafka is not None else {}
         return {
             **os.environ,
+            **tuning,
             **self.extra_env,
             "DATABASE_URL": self.database_url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,

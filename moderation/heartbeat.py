@@ -1,0 +1,23 @@
+"""Liveness of the workers that serve no HTTP: their loops touch HEARTBEAT_FILE (when set) at
+most once a second, and the container's health check reads its age."""
+
+from __future__ import annotations
+
+import time
+
+from shared.config import get_settings
+
+_last = 0.0
+
+
+def beat() -> None:
+    global _last
+    path = get_settings().heartbeat_file
+    now = time.monotonic()
+    if path is None or now - _last < 1.0:
+        return
+    _last = now
+    try:
+        path.touch()
+    except OSError:  # a read-only or missing folder: the health check will say so
+        pass
