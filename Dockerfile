@@ -28,8 +28,11 @@ RUN pip install --no-deps . \
 # ---- runtime: the virtual environment, the function sources and the model, nothing else
 FROM ${PYTHON_IMAGE}
 # Logs reach the container runtime at once; no .pyc written at run time. The model is baked in
-# at MODEL_PATH: mount another export over /app/model to serve it instead.
+# at MODEL_PATH: mount another export over /app/model to serve it instead. HOME is writable
+# (gunicorn keeps its control socket there) and is the one folder to mount an emptyDir on
+# when the root filesystem is read-only.
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_PATH=/app/model/model.onnx \

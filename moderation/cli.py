@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import signal
 import threading
@@ -29,6 +30,11 @@ def require_database_url(database_url: str | None) -> str:
     return database_url
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def database_errors_as_one_line() -> Any:
     """A database that cannot be reached ends a command with one line, not a traceback."""
     import psycopg
@@ -38,16 +44,48 @@ def database_errors_as_one_line() -> Any:
         try:
             yield
         except psycopg.Error as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise click.ClickException(f"database: {type(error).__name__}: {first_line}") from None
+            raise click.ClickException(f"DATABASE_URL: {_first_line(error)}") from None
 
     return guard()
+
+
+def require_database(database_url: str | None) -> str:
+    """The database URL, once the database answers; else one line naming DATABASE_URL."""
+    import psycopg
+
+    url = require_database_url(database_url)
+    try:
+        timeout = max(1, round(get_settings().startup_timeout_seconds))
+        psycopg.connect(url, connect_timeout=timeout).close()
+    except psycopg.Error as error:
+        raise click.ClickException(f"DATABASE_URL: cannot connect: {_first_line(error)}") from None
+    return url
 
 
 def require_bootstrap_servers() -> str:
     bootstrap = get_settings().kafka_bootstrap_servers
     if not bootstrap:
         raise click.UsageError("no broker: set KAFKA_BOOTSTRAP_SERVERS")
+    return bootstrap
+
+
+def require_broker() -> str:
+    """The bootstrap servers, once a broker answers; else one line naming the setting."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from shared.kafka_admin import admin_config
+
+    bootstrap = require_bootstrap_servers()
+    timeout = get_settings().startup_timeout_seconds
+    # log_level 0: librdkafka's own connection errors would add a page of lines to the one.
+    admin = AdminClient(admin_config(bootstrap, log_level=0))
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException:
+        raise click.ClickException(
+            f"KAFKA_BOOTSTRAP_SERVERS: no broker answered at {bootstrap} within {timeout:g} s"
+        ) from None
     return bootstrap
 
 
@@ -79,7 +117,7 @@ def migrate(database_url: str | None) -> None:
     from moderation.migrate import apply_migrations
 
     with database_errors_as_one_line():
-        applied = apply_migrations(require_database_url(database_url))
+        applied = apply_migrations(require_database(database_url))
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     if get_settings().kafka_bootstrap_servers:
         topics.callback()  # type: ignore[misc]
@@ -89,11 +127,21 @@ def migrate(database_url: str | None) -> None:
 def topics() -> None:
     """Create the moderation, retry and dead-letter topics that do not exist yet."""
     from moderation.relay import ensure_project_topics, project_topics
+    from shared.kafka_admin import KafkaSetupError
 
-    require_bootstrap_servers()
-    created = ensure_project_topics()
+    require_broker()
+    try:
+        created = ensure_project_topics()
+    except KafkaSetupError as error:
+        raise click.ClickException(f"KAFKA_BOOTSTRAP_SERVERS: {error}") from None
     click.echo(f"topics created: {', '.join(created)}" if created else "topics exist")
     click.echo(", ".join(project_topics()))
+
+
+@main.command("settings")
+def show_settings() -> None:
+    """Print the effective settings (and librdkafka properties), secrets redacted."""
+    click.echo(json.dumps(get_settings().redacted(), indent=2, default=str))
 
 
 @main.command("demo-data")
@@ -103,7 +151,7 @@ def demo_data(database_url: str | None) -> None:
     from moderation.demo import insert_demo_data
 
     with database_errors_as_one_line():
-        count = insert_demo_data(require_database_url(database_url))
+        count = insert_demo_data(require_database(database_url))
     click.echo(f"{count} ads in the database")
 
 
@@ -122,7 +170,7 @@ def adapter(sink: str, group: str, concurrency: int | None) -> None:
 
     settings = get_settings()
     pushers = Adapter(
-        require_bootstrap_servers(),
+        require_broker(),
         sink,
         settings.moderation_topic,
         settings.retry_topic,
@@ -144,10 +192,10 @@ def dlq_recorder(group: str) -> None:
 
     settings = get_settings()
     recorder = DeadLetterRecorder(
-        require_bootstrap_servers(),
+        require_broker(),
         settings.dlq_topic,
         group,
-        database_url=require_database_url(settings.database_url),
+        database_url=require_database(settings.database_url),
     )
     thread = threading.Thread(target=recorder.run, name="dlq-recorder", daemon=True)
     thread.start()
@@ -170,8 +218,8 @@ def relay(interval: float, once: bool) -> None:
     """Publish outbox rows that were not published right after their commit."""
     from moderation import relay as outbox_relay
 
-    require_bootstrap_servers()
-    require_database_url(get_settings().database_url)
+    require_broker()
+    require_database(get_settings().database_url)
     if once:
         click.echo(f"published {asyncio.run(outbox_relay.run(once=True))}")
         return

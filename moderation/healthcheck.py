@@ -16,7 +16,7 @@ from pathlib import Path
 def check_url(url: str, any_status: bool, timeout: float) -> str | None:
     """None when healthy, else why not."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (own URL)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             status = response.status
     except urllib.error.HTTPError as error:
         status = error.code

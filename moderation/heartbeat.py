@@ -3,6 +3,7 @@ most once a second, and the container's health check reads its age."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from shared.config import get_settings
@@ -17,7 +18,5 @@ def beat() -> None:
     if path is None or now - _last < 1.0:
         return
     _last = now
-    try:
+    with contextlib.suppress(OSError):  # a read-only folder: the health check will say so
         path.touch()
-    except OSError:  # a read-only or missing folder: the health check will say so
-        pass

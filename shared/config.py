@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     # Published outbox rows of finished tasks are deleted after this long (default 7 days).
     outbox_retention_seconds: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
 
+    # How long a process waits at start for the database or broker it needs before it exits.
+    startup_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     # Workers without HTTP (adapter, relay, dead-letter recorder) touch this file while alive.
     heartbeat_file: Path | None = None
 
@@ -125,8 +127,14 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+        if value is None:
+            return value
+        if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql:// (or postgres://)")
+        try:
+            urlsplit(value).port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError:
+            raise ValueError("the port is not a number from 0 to 65535") from None
         return value
 
     @model_validator(mode="after")
@@ -172,9 +180,18 @@ def get_settings() -> Settings:
         raise ConfigError(describe_error(error)) from None
 
 
-def settings_or_exit() -> Settings:
-    """For process start: bad configuration ends the process with one clear line."""
+def settings_or_exit(needs_model: bool = False) -> Settings:
+    """For process start: bad configuration ends the process with one clear line.
+
+    needs_model: the process serves the model, so MODEL_PATH and its model.json must exist
+    (checked without loading anything; a model that exists but cannot be loaded is 503).
+    """
     try:
-        return get_settings()
+        settings = get_settings()
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    if needs_model:
+        for path in (settings.model_path, settings.model_path.with_suffix(".json")):
+            if not path.is_file():
+                sys.exit(f"error: invalid configuration: MODEL_PATH: no file {path}")
+    return settings

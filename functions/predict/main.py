@@ -10,7 +10,7 @@ from shared import db, http, model, scoring
 from shared.config import settings_or_exit
 from shared.schemas import Ad, BatchResponse, Prediction
 
-settings = settings_or_exit()
+settings = settings_or_exit(needs_model=True)
 
 
 async def predict_ad(request: Request) -> Prediction:

@@ -165,11 +165,14 @@ def _use_model_dir(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
     get_settings.cache_clear()
 
 
-def test_predict_missing_model_file_is_503_with_a_log_line(
+def test_predict_model_file_gone_after_start_is_503_with_a_log_line(
     make_client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _use_model_dir(monkeypatch, tmp_path / "absent" / "model.onnx")
+    shutil.copy(DEFAULT_MODEL_PATH, tmp_path / "model.onnx")
+    shutil.copy(DEFAULT_MODEL_PATH.with_suffix(".json"), tmp_path / "model.json")
+    _use_model_dir(monkeypatch, tmp_path / "model.onnx")
     client = make_client("predict")
+    (tmp_path / "model.onnx").unlink()  # e.g. a volume unmounted under a running function
     with caplog.at_level(logging.ERROR, logger="shared.model"):
         response = client.post("/predict", json=AD)
     assert response.status_code == 503

