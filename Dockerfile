@@ -22,7 +22,7 @@ COPY model_export ./model_export
 COPY moderation ./moderation
 COPY migrations ./migrations
 RUN pip install --no-deps . \
- && cd / && python -c "import moderation.migrations, shared.config" \
+ && python -P -c "import moderation.migrations, shared.config" \
  && pip uninstall --yes pip setuptools
 
 # ---- runtime: the virtual environment, the function sources and the model, nothing else

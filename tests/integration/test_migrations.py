@@ -77,7 +77,7 @@ def test_every_command_with_bad_configuration_fails_naming_the_variable() -> Non
     ("url", "expected"),
     [
         ("mysql://localhost/db", "must start with postgresql://"),
-        ("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "database: OperationalError"),
+        ("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "DATABASE_URL: cannot connect"),
     ],
 )
 def test_migrate_with_a_bad_database_url_fails_with_one_line(url: str, expected: str) -> None:
