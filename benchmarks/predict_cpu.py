@@ -67,7 +67,8 @@ def one_run(seconds: int, connections: int, script: Path, extra_env: dict[str, s
              "-s", str(script), url], capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         used = cpu_seconds(process) - before
-        requests = int(next(line for line in output.splitlines() if "requests in" in line).split()[0])
+        summary = next(line for line in output.splitlines() if "requests in" in line)
+        requests = int(summary.split()[0])
         non_2xx = sum(
             int(line.split()[-1]) for line in output.splitlines() if "Non-2xx" in line
         )
