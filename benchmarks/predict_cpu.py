@@ -69,9 +69,7 @@ def one_run(seconds: int, connections: int, script: Path, extra_env: dict[str, s
         used = cpu_seconds(process) - before
         summary = next(line for line in output.splitlines() if "requests in" in line)
         requests = int(summary.split()[0])
-        non_2xx = sum(
-            int(line.split()[-1]) for line in output.splitlines() if "Non-2xx" in line
-        )
+        non_2xx = sum(int(line.split()[-1]) for line in output.splitlines() if "Non-2xx" in line)
         return {
             "req_s": requests / seconds,
             "cpu_us": used / requests * 1e6,
