@@ -245,6 +245,14 @@ def gateway(host: str, port: int, backends: tuple[str, ...]) -> None:
     uvicorn.run(create_gateway(table), host=host, port=port, log_level="warning")
 
 
+@main.command("gateway-config")
+def gateway_config() -> None:
+    """Print the compose gateway's nginx config, made from the route table."""
+    from moderation.gateway_config import render_nginx
+
+    click.echo(render_nginx(), nl=False)
+
+
 @main.command("dev")
 @click.option("--port", default=8000, show_default=True, envvar="PORT", help="Base URL port.")
 @click.option("--host", default="127.0.0.1", show_default=True)

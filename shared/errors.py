@@ -40,6 +40,11 @@ class IdempotencyConflict(ModerationError):
     detail = "Idempotency-Key was already used for another item"
 
 
+class NotFound(ModerationError):
+    status = 404
+    detail = "Not Found"
+
+
 class ItemNotFound(ModerationError):
     status = 404
     detail = "Item not found"

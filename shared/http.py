@@ -19,12 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.config import get_settings
-from shared.errors import ModerationError, PayloadTooLarge, ValidationFailed
+from shared.errors import ModerationError, NotFound, PayloadTooLarge, ValidationFailed
+from shared.routes import routes_of, strip_prefix
 from shared.schemas import BatchRequest, ItemIdRequest
 
 log = logging.getLogger(__name__)
-
-PREFIXES = ("/moderation", "")
 
 Model = TypeVar("Model", bound=BaseModel)
 Handler = Callable[..., Awaitable[Any]]
@@ -44,22 +43,40 @@ def error_response(status: int, detail: Any) -> JSONResponse:
 
 
 @dataclass(frozen=True)
-class Route:
+class Raw:
+    """A handler's answer that is not JSON (the docs page and its assets)."""
+
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endpoint:
     method: str
     path: str  # "/moderation_result/{task_id}": a {name} segment is passed as a str kwarg
     handler: Handler
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.path))
         object.__setattr__(self, "pattern", re.compile(f"{regex}/?"))
 
 
 class Router:
-    """Dispatches a request to its route; turns every failure into a JSON error."""
+    """Dispatches a request to its endpoint; turns every failure into a JSON error."""
 
-    def __init__(self, *routes: Route) -> None:
-        self.routes = routes
+    def __init__(self, *endpoints: Endpoint) -> None:
+        self.endpoints = endpoints
+        # Most paths have no {parameter}: found by one dict lookup, with or without a slash.
+        self._exact: dict[str, list[Endpoint]] = {}
+        self._templated: list[Endpoint] = []
+        for endpoint in endpoints:
+            if "{" in endpoint.path:
+                self._templated.append(endpoint)
+            else:
+                for path in (endpoint.path, endpoint.path + "/"):
+                    self._exact.setdefault(path, []).append(endpoint)
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -76,29 +93,64 @@ class Router:
             return error_response(500, "Internal server error")
         if isinstance(result, Response):
             return result
+        if isinstance(result, Raw):
+            return Response(result.body, media_type=result.media_type, headers=result.headers)
         return JSONResponse(result)
 
     def _match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        for prefix in PREFIXES:
-            if not path.startswith(prefix):
-                continue
-            rest = path[len(prefix) :] or "/"
-            allowed = []
-            for route in self.routes:
-                found = route.pattern.fullmatch(rest)
-                if not found:
-                    continue
-                if route.method == method or (method == "HEAD" and route.method == "GET"):
-                    return route.handler, found.groupdict()
-                allowed.append(route.method)
-            if allowed:
-                raise _MethodNotAllowed(sorted(set(allowed)))
-        raise _NotFound()
+        rest = strip_prefix(path)
+        candidates = self._exact.get(rest)
+        params: dict[str, str] = {}
+        if candidates is None:
+            candidates = []
+            for endpoint in self._templated:
+                found = endpoint.pattern.fullmatch(rest)
+                if found:
+                    candidates.append(endpoint)
+                    params = found.groupdict()
+        if not candidates:
+            raise NotFound()
+        for endpoint in candidates:
+            if endpoint.method == method or (method == "HEAD" and endpoint.method == "GET"):
+                return endpoint.handler, params
+        allowed = {endpoint.method for endpoint in candidates}
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        raise _MethodNotAllowed(sorted(allowed))
 
 
-class _NotFound(ModerationError):
-    status = 404
-    detail = "Not Found"
+def function_router(
+    function: str, *handlers: Handler, **checks: Callable[[], Awaitable[bool]]
+) -> Router:
+    """The router of one function: its routes from the route table, each bound to the handler
+    of that name, plus /health and /ready (with these checks).
+
+    Fails at import, naming what is wrong, when a route has no handler or a handler no route.
+    """
+    from shared import openapi
+
+    given: dict[str, Handler] = {handler.__name__: handler for handler in handlers}
+    shared_handlers: dict[str, Handler] = {
+        "openapi": openapi.openapi,
+        "docs": openapi.docs,
+        "docs_asset": openapi.asset,
+    }
+    endpoints = []
+    for route in routes_of(function):
+        handler: Handler | None = given.pop(route.handler, None) or shared_handlers.get(
+            route.handler
+        )
+        if handler is None:
+            raise RuntimeError(
+                f"functions/{function}: no handler named {route.handler!r} "
+                f"for {route.method} {route.path} (shared/routes.py)"
+            )
+        endpoints.append(Endpoint(route.method, route.path, handler))
+    if given:
+        raise RuntimeError(
+            f"functions/{function}: {', '.join(sorted(given))} in no route of shared/routes.py"
+        )
+    return Router(*endpoints, *health_routes(**checks))
 
 
 class _MethodNotAllowed(ModerationError):
@@ -189,7 +241,7 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Route]:
+def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Endpoint]:
     """GET /health (the process answers) and GET /ready (every named check passes)."""
 
     async def health(request: Request) -> dict[str, str]:
@@ -204,4 +256,4 @@ def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Route]:
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    return (Route("GET", "/health", health), Route("GET", "/ready", ready))
+    return (Endpoint("GET", "/health", health), Endpoint("GET", "/ready", ready))

@@ -18,10 +18,8 @@ async def accept(request: Request) -> TaskAccepted:
     return await tasks.accept(item_id, http.idempotency_key(request))
 
 
-router = http.Router(
-    http.Route("POST", "/async_predict", accept),
-    *http.health_routes(database=db.ping),
-)
+# Paths, methods and models of these handlers: shared/routes.py.
+router = http.function_router("async_predict", accept, database=db.ping)
 
 
 @functions_framework.aio.http

@@ -18,10 +18,8 @@ async def moderation_result(request: Request, task_id: str) -> TaskResult:
     return await tasks.result(path.task_id)
 
 
-router = http.Router(
-    http.Route("GET", "/moderation_result/{task_id}", moderation_result),
-    *http.health_routes(database=db.ping),
-)
+# Paths, methods and models of these handlers: shared/routes.py.
+router = http.function_router("get_result", moderation_result, database=db.ping)
 
 
 @functions_framework.aio.http

@@ -26,11 +26,9 @@ async def simple_predict(request: Request) -> Prediction:
     return await scoring.predict_stored(await http.parse_item_id(request))
 
 
-router = http.Router(
-    http.Route("POST", "/predict", predict_ad),
-    http.Route("POST", "/predict/batch", predict_batch),
-    http.Route("POST", "/simple_predict", simple_predict),
-    *http.health_routes(model=model.ready, database=db.ping),
+# Paths, methods and models of these handlers: shared/routes.py.
+router = http.function_router(
+    "predict", predict_ad, predict_batch, simple_predict, model=model.ready, database=db.ping
 )
 
 

@@ -1,4 +1,5 @@
-"""One base URL for the dev stack: routes each path to the function that serves it.
+"""One base URL for the dev stack: routes each path to the function that serves it, by the
+route table (shared/routes.py).
 
 In production a real gateway (nginx, Envoy, a Knative/Cloud Run domain mapping) does this.
 """
@@ -15,23 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-# Route prefixes (after an optional /moderation) and the function that serves them.
-ROUTES: dict[str, str] = {
-    "/predict": "predict",
-    "/simple_predict": "predict",
-    "/async_predict": "async_predict",
-    "/moderation_result": "get_result",
-}
+from shared.routes import function_of, strip_prefix
+
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
-
-
-def target_of(path: str) -> str | None:
-    rest = path.removeprefix("/moderation") if path.startswith("/moderation/") else path
-    for prefix, function in ROUTES.items():
-        if rest == prefix or rest.startswith(prefix + "/"):
-            return function
-    return None
 
 
 def create_gateway(backends: Mapping[str, str]) -> Starlette:
@@ -40,11 +28,17 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
 
     async def proxy(request: Request) -> Response:
         path = request.url.path
-        if path in ("/health", "/moderation/health"):
-            return JSONResponse({"status": "ok"})
-        if path in ("/ready", "/moderation/ready"):
+        if strip_prefix(path).rstrip("/") in ("/health", "/ready"):
+            if request.method not in ("GET", "HEAD"):
+                return JSONResponse(
+                    {"detail": "Method Not Allowed"},
+                    status_code=405,
+                    headers={"Allow": "GET, HEAD"},
+                )
+            if strip_prefix(path).rstrip("/") == "/health":
+                return JSONResponse({"status": "ok"})
             return await ready()
-        function = target_of(path)
+        function = function_of(path)
         if function is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -226,3 +226,27 @@ def test_predict_internal_scoring_error_is_500_without_a_stack_trace(
     assert response.status_code == 500
     assert "error" in response.json()["detail"].lower()
     assert "secret" not in response.text
+
+
+@pytest.mark.parametrize("target", ["predict", "async_predict", "get_result"])
+@pytest.mark.parametrize("path", ["/health", "/moderation/ready"])
+def test_function_wrong_method_on_health_is_405_with_allow(
+    make_client, target: str, path: str
+) -> None:
+    response = make_client(target).post(path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("prefix", ["", "/moderation"])
+def test_predict_serves_openapi_and_docs_without_internet(make_client, prefix: str) -> None:
+    client = make_client("predict")
+    spec = client.get(f"{prefix}/openapi.json").json()
+    assert spec["openapi"] == "3.1.0" and "/predict" in spec["paths"]
+    page = client.get(f"{prefix}/docs")
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'src="docs/swagger-ui-bundle.js"' in page.text  # relative: no CDN, either prefix
+    bundle = client.get(f"{prefix}/docs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+    assert client.get(f"{prefix}/docs/../../etc/passwd").status_code == 404

@@ -10,7 +10,6 @@ import orjson
 import pytest
 
 from moderation.adapter import cloudevent_request, due_time
-from moderation.dev.gateway import target_of
 from shared.consumer import retry_delay
 from shared.errors import InvalidMessage
 from shared.messages import (
@@ -140,20 +139,3 @@ def test_adapter_passes_on_a_records_own_cloudevent_headers() -> None:
     assert headers["content-type"] == "application/json"
     assert due_time(record) == datetime(2030, 1, 1, tzinfo=UTC)
     assert due_time(FakeRecord(b"{}")) is None
-
-
-@pytest.mark.parametrize(
-    ("path", "function"),
-    [
-        ("/predict", "predict"),
-        ("/moderation/predict/batch", "predict"),
-        ("/simple_predict", "predict"),
-        ("/moderation/async_predict", "async_predict"),
-        ("/moderation_result/5", "get_result"),
-        ("/moderation/moderation_result/5", "get_result"),
-        ("/predictions", None),
-        ("/moderation", None),
-    ],
-)
-def test_gateway_routes_each_path_to_its_function(path: str, function: str | None) -> None:
-    assert target_of(path) == function

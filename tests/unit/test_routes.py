@@ -1,0 +1,92 @@
+"""The route table and what is made from it: routing, the nginx config, the OpenAPI document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from openapi_spec_validator import validate
+
+from moderation.gateway_config import render_nginx
+from shared.openapi import document
+from shared.routes import PREFIXES, ROUTES, function_of
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("path", "function"),
+    [
+        ("/predict", "predict"),
+        ("/moderation/predict/batch", "predict"),
+        ("/simple_predict", "predict"),
+        ("/moderation/async_predict", "async_predict"),
+        ("/moderation_result/5", "get_result"),
+        ("/moderation/moderation_result/5", "get_result"),
+        ("/moderation/docs", "predict"),
+        ("/openapi.json", "predict"),
+        ("/predictions", None),
+        ("/moderation", None),
+        ("/outbox/relay", None),
+        ("/moderation_result/5/extra", None),
+    ],
+)
+def test_route_table_routes_each_path_to_its_function(path: str, function: str | None) -> None:
+    assert function_of(path) == function
+
+
+def test_checked_in_nginx_config_is_the_one_the_route_table_gives() -> None:
+    checked_in = (REPO_ROOT / "deploy" / "nginx" / "default.conf").read_text()
+    assert checked_in == render_nginx(), (
+        "deploy/nginx/default.conf is stale: "
+        "run `moderation gateway-config > deploy/nginx/default.conf`"
+    )
+
+
+def test_nginx_config_routes_every_route_of_the_table() -> None:
+    config = render_nginx()
+    for route in ROUTES:
+        literal = route.path.lstrip("/").split("{")[0].rstrip("/").replace(".", r"\.")
+        assert literal in config, route.path
+        assert f"proxy_pass http://{route.function};" in config
+
+
+def test_openapi_document_is_valid_openapi_3_1() -> None:
+    spec = document()
+    assert spec["openapi"] == "3.1.0"
+    validate(spec)
+
+
+def test_openapi_document_lists_every_documented_route_with_both_prefixes_and_its_errors() -> None:
+    paths = document()["paths"]
+    documented = [route for route in ROUTES if route.documented]
+    for route in documented:
+        for prefix in PREFIXES:
+            operation = paths[prefix + route.path][route.method.lower()]
+            statuses = set(operation["responses"])
+            assert statuses == {"200", "405", *map(str, route.errors)}, route.path
+    listed = {path for path in paths if not path.endswith(("/health", "/ready"))}
+    assert listed == {prefix + route.path for route in documented for prefix in PREFIXES}
+
+
+def test_openapi_document_describes_the_ad_from_its_pydantic_model() -> None:
+    ad = document()["components"]["schemas"]["Ad"]
+    assert set(ad["required"]) == {
+        "seller_id", "is_verified_seller", "item_id", "name", "description", "category",
+        "images_qty",
+    }  # fmt: skip
+    assert ad["properties"]["seller_id"]["minimum"] == 1
+
+
+@pytest.mark.parametrize("path", ["/health", "/moderation/ready"])
+def test_dev_gateway_answers_a_wrong_method_on_its_own_routes_with_405(path: str) -> None:
+    from starlette.testclient import TestClient
+
+    from moderation.dev.gateway import create_gateway
+
+    with TestClient(create_gateway({"predict": "http://127.0.0.1:1"})) as client:
+        response = client.post(path)
+        assert response.status_code == 405
+        assert response.headers["allow"] == "GET, HEAD"
+        assert response.json() == {"detail": "Method Not Allowed"}
+        assert client.get("/health").json() == {"status": "ok"}
