@@ -47,7 +47,10 @@ def one_run(seconds: int, connections: int, script: Path, extra_env: dict[str, s
     port = free_port()
     env = {**os.environ, "WORKERS": "1", **extra_env}
     command = ["taskset", "-c", "0", *function_command("predict", port)]
-    server = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
+    # Its log lines (one access line per request) go to /dev/null: written, never read.
+    server = subprocess.Popen(
+        command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         url = f"http://127.0.0.1:{port}/predict"
         deadline = time.monotonic() + 30
@@ -84,13 +87,15 @@ def one_run(seconds: int, connections: int, script: Path, extra_env: dict[str, s
 @click.option("--runs", default=3, show_default=True)
 @click.option("--seconds", default=10, show_default=True)
 @click.option("--connections", default=16, show_default=True)
-def main(runs: int, seconds: int, connections: int) -> None:
+@click.option("--env", "env_pairs", multiple=True, help="KEY=VALUE for the server, repeatable.")
+def main(runs: int, seconds: int, connections: int, env_pairs: tuple[str, ...]) -> None:
     if shutil.which("wrk") is None:
         sys.exit("error: wrk is not installed (apt-get install wrk)")
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT)
-        results = [one_run(seconds, connections, script, {}) for _ in range(runs)]
+        extra_env = dict(pair.split("=", 1) for pair in env_pairs)
+        results = [one_run(seconds, connections, script, extra_env) for _ in range(runs)]
     for number, result in enumerate(results, 1):
         print(f"run {number}: {result['req_s']:,.0f} req/s, {result['cpu_us']:.0f} µs CPU/request,"
               f" non-2xx {result['non_2xx']}")  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from shared import logs
 from shared.config import ConfigError, get_settings
 
 database_url_option = click.option(
@@ -97,17 +98,16 @@ def wait_for_stop_signal() -> None:
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level (else LOG_LEVEL).")
 def main(verbose: bool) -> None:
     """Ad moderation: run the stack locally, manage its database and topics."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:  # bad configuration stops every command at once, naming the variable
-        get_settings()
+        settings = get_settings()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
+    logs.configure(settings)
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
 
 
 @main.command()
@@ -178,8 +178,8 @@ def adapter(sink: str, group: str, concurrency: int | None) -> None:
         concurrency or settings.topic_partitions,
         settings.dlq_topic,
     )
+    logs.startup(settings, "adapter", sink=sink, group=group)
     pushers.start()
-    click.echo(f"pushing {settings.moderation_topic}, {settings.retry_topic} to {sink}")
     wait_for_stop_signal()
     pushers.stop()
 
@@ -197,9 +197,9 @@ def dlq_recorder(group: str) -> None:
         group,
         database_url=require_database(settings.database_url),
     )
+    logs.startup(settings, "dlq-recorder", group=group)
     thread = threading.Thread(target=recorder.run, name="dlq-recorder", daemon=True)
     thread.start()
-    click.echo(f"recording dead letters of {settings.dlq_topic}")
     wait_for_stop_signal()
     recorder.stop()
     thread.join(10)
@@ -217,12 +217,26 @@ def dlq_recorder(group: str) -> None:
 def relay(interval: float, once: bool) -> None:
     """Publish outbox rows that were not published right after their commit."""
     from moderation import relay as outbox_relay
+    from shared import db
+    from shared.errors import ModerationError
 
     require_broker()
     require_database(get_settings().database_url)
     if once:
-        click.echo(f"published {asyncio.run(outbox_relay.run(once=True))}")
+
+        async def one_pass() -> dict[str, int]:
+            try:
+                return await outbox_relay.one_pass()
+            finally:
+                await db.close()
+
+        try:
+            counts = asyncio.run(one_pass())
+        except ModerationError as error:  # nothing could be published: the job failed
+            raise click.ClickException(f"relay: {error.detail_value}") from None
+        click.echo(json.dumps(counts))
         return
+    logs.startup(get_settings(), "relay", interval=interval)
     # SIGTERM stops it the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     # Published outbox rows of finished tasks are deleted after this long (default 7 days).
     outbox_retention_seconds: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
 
+    # Logs: JSON lines (containers) or readable text (`moderation dev`); one access line per
+    # HTTP request unless ACCESS_LOG=false.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
+    # functions-framework's own; read here only to say it in the startup line.
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+
     # How long a process waits at start for the database or broker it needs before it exits.
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     # Workers without HTTP (adapter, relay, dead-letter recorder) touch this file while alive.
@@ -118,6 +126,16 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and "kafka_client_properties" not in data:
             data = {**data, "kafka_client_properties": kafka_properties_from(os.environ)}
         return data
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("database_url", "kafka_bootstrap_servers", mode="before")
     @classmethod

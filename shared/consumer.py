@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from shared import db, repository
+from shared import db, logs, repository
 from shared.config import get_settings
 from shared.errors import (
     InvalidMessage,
@@ -25,6 +25,7 @@ from shared.errors import (
 )
 from shared.kafka import get_publisher
 from shared.messages import (
+    REQUEST_ID,
     Message,
     Origin,
     dead_letter_record,
@@ -58,10 +59,22 @@ def retry_delay(retry_count: int) -> timedelta:
 
 async def handle(data: Any, attributes: dict[str, Any]) -> str:
     """Process one delivered record; returns what happened (for logs and tests)."""
+    request_id = attributes.get(REQUEST_ID)
+    logs.request_id.set(str(request_id) if request_id else None)
+    logs.task_id.set(None)
+    logs.item_id.set(None)
+    outcome = await _handle(data, attributes)
+    log.info("task %s: %s", logs.task_id.get(), outcome, extra={"fields": {"outcome": outcome}})
+    return outcome
+
+
+async def _handle(data: Any, attributes: dict[str, Any]) -> str:
     delivery = Delivery(raw=raw_bytes(data), origin=origin_of(attributes))
     try:
         delivery.message = parse_message(delivery.raw)
         delivery.task_id = delivery.message.task_id
+        logs.task_id.set(delivery.task_id)
+        logs.item_id.set(delivery.message.item_id)
         return await _score(delivery)
     except ModerationError as error:
         return await _on_failure(delivery, error)
@@ -84,6 +97,7 @@ async def _score(delivery: Delivery) -> str:
                 if task_id is None:
                     task_id, _ = await repository.insert_task(conn, message.item_id, None)
             delivery.task_id = task_id
+            logs.task_id.set(task_id)
         task = await repository.get_task(conn, delivery.task_id)
         if task is None:
             raise TaskNotFound(f"Task {delivery.task_id} not found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared import logs
 from shared.config import get_settings
 from shared.errors import ModerationError, NotFound, PayloadTooLarge, ValidationFailed
 from shared.routes import routes_of, strip_prefix
@@ -79,6 +81,24 @@ class Router:
                     self._exact.setdefault(path, []).append(endpoint)
 
     async def handle(self, request: Request) -> Response:
+        """Answer a request; the answer carries its request id, and one access line says it."""
+        started = time.perf_counter()
+        headers = request.headers
+        request_id = logs.new_request_id(headers.get("x-request-id"), headers.get("traceparent"))
+        token = logs.request_id.set(request_id)
+        try:
+            response = await self._dispatch(request)
+            response.headers["X-Request-ID"] = request_id
+            if logs.access.enabled:
+                duration_ms = round((time.perf_counter() - started) * 1000, 2)
+                logs.access.line(
+                    request.method, request.url.path, response.status_code, duration_ms
+                )
+            return response
+        finally:
+            logs.request_id.reset(token)
+
+    async def _dispatch(self, request: Request) -> Response:
         try:
             handler, params = self._match(request.method, request.url.path)
             result = await handler(request, **params)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from shared import logs
 from shared.config import get_settings
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ def _client_config(
     properties = get_settings().kafka_client_properties
     return {
         "bootstrap.servers": bootstrap_servers,
+        # librdkafka's own messages go through the process's logging, once per problem.
+        "logger": logs.kafka_log,
         **defaults,
         **extra,
         **properties.get("all", {}),

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared import logs
 from shared.errors import InvalidMessage
 from shared.schemas import BIGINT_MAX, PositiveId
 
@@ -19,6 +20,7 @@ SOURCE_ACCEPTED = "/ad-moderation/async_predict"
 SOURCE_RETRY = "/ad-moderation/moderation_consumer/retry"
 KAFKASOURCE_EVENT_TYPE = "dev.knative.kafka.event"
 DUE_AT = "dueat"  # CloudEvents extension on retry records: when the retry may run
+REQUEST_ID = "requestid"  # CloudEvents extension: the request id of the accepting request
 
 
 def now() -> datetime:
@@ -61,6 +63,9 @@ def cloudevent_headers(
         "ce_time": now().isoformat(),
         "content-type": "application/json",
     }
+    # The request that asked for it, so one task can be followed from accept to result.
+    if (request_id := logs.request_id.get()) is not None:
+        headers[f"ce_{REQUEST_ID}"] = request_id
     for name, value in (extensions or {}).items():
         headers[f"ce_{name}"] = value
     return headers
@@ -176,6 +181,7 @@ def dead_letter_record(
         "origin_offset": origin.offset,
         "raw_payload": text,
         "raw_payload_encoding": encoding,
+        "request_id": logs.request_id.get(),
     }
     key = str(item_id) if item_id is not None else (str(task_id) if task_id else "")
     return Record(topic, key, orjson.dumps(value), {"content-type": "application/json"})

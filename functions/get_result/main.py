@@ -6,11 +6,10 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import db, http, tasks
-from shared.config import settings_or_exit
+from shared import db, http, logs, tasks
 from shared.schemas import TaskIdPath, TaskResult
 
-settings_or_exit()
+logs.start("get_result")
 
 
 async def moderation_result(request: Request, task_id: str) -> TaskResult:

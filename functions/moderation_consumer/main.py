@@ -6,10 +6,9 @@ from __future__ import annotations
 import functions_framework.aio
 from cloudevents.http.event import CloudEvent
 
-from shared import consumer
-from shared.config import settings_or_exit
+from shared import consumer, logs
 
-settings_or_exit()
+logs.start("moderation_consumer", needs_model=True)
 
 
 @functions_framework.aio.cloud_event

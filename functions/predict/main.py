@@ -6,11 +6,10 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import db, http, model, scoring
-from shared.config import settings_or_exit
+from shared import db, http, logs, model, scoring
 from shared.schemas import Ad, BatchResponse, Prediction
 
-settings = settings_or_exit(needs_model=True)
+settings = logs.start("predict", needs_model=True)
 
 
 async def predict_ad(request: Request) -> Prediction:

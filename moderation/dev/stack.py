@@ -142,6 +142,7 @@ class DevStack:
         # The embedded broker's client tuning only when this stack started that broker.
         tuning = CLIENT_TUNING if self.kafka is not None else {}
         return {
+            "LOG_FORMAT": "text",  # readable in the log files, unless LOG_FORMAT says otherwise
             **os.environ,
             **tuning,
             **self.extra_env,

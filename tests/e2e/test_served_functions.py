@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,7 +85,9 @@ def test_function_module_import_opens_nothing(target: str) -> None:
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1"
+    *startup, threads = result.stdout.strip().splitlines()
+    assert threads == "1"
+    assert [json.loads(line)["message"] for line in startup] == [f"starting {target}"]
 
 
 def test_function_with_bad_configuration_exits_with_one_line() -> None:

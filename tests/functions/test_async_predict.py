@@ -323,3 +323,15 @@ def test_relay_prunes_old_published_rows_of_finished_tasks_only(
 @pytest.mark.parametrize("path", ["/outbox/relay", "/moderation/outbox/relay"])
 def test_async_predict_serves_no_internal_relay_endpoint(accept: TestClient, path: str) -> None:
     assert accept.post(path).status_code == 404
+
+
+def test_async_predict_request_id_is_answered_and_travels_in_the_record(
+    accept: TestClient, database_url: str, kafka_topics: Topics
+) -> None:
+    ad = insert_ad(database_url)
+    response = accept.post(
+        "/async_predict", params={"item_id": ad["item_id"]}, headers={"X-Request-ID": "req-42"}
+    )
+    assert response.headers["x-request-id"] == "req-42"
+    (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
+    assert dict(record.headers())["ce_requestid"] == b"req-42"

@@ -292,3 +292,15 @@ def test_consumer_absurd_retry_count_is_a_poison_message(post, kafka_topics: Top
     )
     (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
     assert "retry_count" in orjson.loads(letter.value())["error"]
+
+
+def test_consumer_logs_the_outcome_with_the_request_id_of_the_event(
+    post, database_url: str, kafka_topics: Topics, caplog: pytest.LogCaptureFixture
+) -> None:
+    ad = insert_ad(database_url)
+    task_id = insert_task(database_url, ad["item_id"])
+    headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
+    with caplog.at_level("INFO", logger="shared.consumer"):
+        assert post(({**headers, "ce-requestid": "req-77"}, body)) == 200
+    (line,) = [r for r in caplog.records if r.getMessage() == f"task {task_id}: completed"]
+    assert (line.request_id, line.task_id, line.item_id) == ("req-77", task_id, ad["item_id"])
