@@ -51,7 +51,7 @@ def _ready_locations() -> list[str]:
 
 
 def render_nginx() -> str:
-    functions = sorted({route.function for route in ROUTES}, key=HTTP_FUNCTIONS.index)
+    functions = sorted({r.function for r in ROUTES if r.public}, key=HTTP_FUNCTIONS.index)
     upstreams = [
         f"upstream {name} {{ server {name}:{PORT}; keepalive 32; }}" for name in HTTP_FUNCTIONS
     ]

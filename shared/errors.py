@@ -55,6 +55,13 @@ class TaskNotFound(ModerationError):
     detail = "Task not found"
 
 
+class InvalidCloudEvent(ModerationError):
+    """A delivery to the consumer that is not a CloudEvent: a sink rejects it for good."""
+
+    status = 400
+    detail = "Bad Request: not a CloudEvent"
+
+
 class InvalidMessage(ModerationError):
     status = 400
     detail = "Invalid message"

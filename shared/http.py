@@ -21,7 +21,13 @@ from starlette.responses import Response
 
 from shared import logs
 from shared.config import get_settings
-from shared.errors import ModerationError, NotFound, PayloadTooLarge, ValidationFailed
+from shared.errors import (
+    InvalidCloudEvent,
+    ModerationError,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+)
 from shared.routes import routes_of, strip_prefix
 from shared.schemas import BatchRequest, ItemIdRequest
 
@@ -245,6 +251,18 @@ async def parse_batch(request: Request, max_items: int) -> BatchRequest:
     if isinstance(items, list) and len(items) > max_items:
         raise PayloadTooLarge(f"A batch holds at most {max_items} items, got {len(items)}")
     return parse(BatchRequest, data)
+
+
+async def parse_cloudevent(request: Request) -> tuple[Any, dict[str, Any]]:
+    """A CloudEvent in binary or structured mode: its data and attributes; 400 if it is none."""
+    from cloudevents.http import from_http
+
+    body = await read_body(request)
+    try:
+        event = from_http(dict(request.headers), body)
+    except Exception as error:  # the SDK raises several kinds for a malformed event
+        raise InvalidCloudEvent(f"Bad Request: not a CloudEvent: {error!r}"[:500]) from None
+    return event.get_data(), dict(event.get_attributes())
 
 
 MAX_IDEMPOTENCY_KEY = 255

@@ -46,6 +46,7 @@ class Route:
     headers: tuple[str, ...] = ()  # optional request headers it reads
     errors: tuple[int, ...] = ()
     documented: bool = True  # listed in the OpenAPI document
+    public: bool = True  # routed by the gateways; the consumer's route never is
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,11 @@ ROUTES: tuple[Route, ...] = (
         "The state and outcome of a moderation task",
         response=TaskResult, path_params=TaskIdPath, errors=(404, 422, 503),
     ),
+    Route(
+        "POST", "/", "moderation_consumer", "moderation_event",
+        "Score one queued ad, delivered as a CloudEvent (KafkaSource or the push adapter)",
+        documented=False, public=False,
+    ),
     Route("GET", "/openapi.json", "predict", "openapi", "This document", documented=False),
     Route("GET", "/docs", "predict", "docs", "Interactive API docs", documented=False),
     Route("GET", "/docs/{asset}", "predict", "docs_asset", "Docs assets", documented=False),
@@ -100,6 +106,6 @@ def function_of(path: str) -> str | None:
     """The function that serves a path (either prefix), or None."""
     rest = strip_prefix(path)
     for route in ROUTES:
-        if route.pattern.fullmatch(rest):
+        if route.public and route.pattern.fullmatch(rest):
             return route.function
     return None

@@ -4,13 +4,26 @@ dead-lettered. A 2xx answer means the outcome is durable; anything else means "d
 from __future__ import annotations
 
 import functions_framework.aio
-from cloudevents.http.event import CloudEvent
+from starlette.requests import Request
+from starlette.responses import Response
 
-from shared import consumer, logs
+from shared import consumer, db, http, logs, model
 
 logs.start("moderation_consumer", needs_model=True)
 
 
-@functions_framework.aio.cloud_event
-async def moderation_consumer(event: CloudEvent) -> None:
-    await consumer.handle(event.get_data(), event.get_attributes())
+async def moderation_event(request: Request) -> dict[str, str]:
+    data, attributes = await http.parse_cloudevent(request)
+    return {"outcome": await consumer.handle(data, attributes)}
+
+
+# An HTTP function rather than functions-framework's CloudEvent one, so that it also serves
+# /health, /ready and /metrics. Paths and methods: shared/routes.py.
+router = http.function_router(
+    "moderation_consumer", moderation_event, model=model.ready, database=db.ping
+)
+
+
+@functions_framework.aio.http
+async def moderation_consumer(request: Request) -> Response:
+    return await router.handle(request)

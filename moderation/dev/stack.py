@@ -121,7 +121,7 @@ class DevStack:
         for target in (*HTTP_FUNCTIONS, CONSUMER):
             port = free_port(self.host)
             url = f"http://{self.host}:{port}"
-            probe = url if target == CONSUMER else f"{url}/health"
+            probe = f"{url}/health"
             self.spawn(target, function_command(target, port, self.host), probe)
             self.urls[target] = url
         self.spawn("adapter", moderation_command("adapter", "--sink", self.urls[CONSUMER]))

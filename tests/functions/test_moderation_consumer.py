@@ -259,7 +259,7 @@ def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_dat
     assert "3 retries" in row["error_message"]
 
 
-def test_consumer_answers_500_when_retry_cannot_be_published(
+def test_consumer_answers_5xx_when_retry_cannot_be_published(
     disposable_postgres: EmbeddedPostgres,
     monkeypatch: pytest.MonkeyPatch,
     make_client: Callable[[str], TestClient],
@@ -272,7 +272,9 @@ def test_consumer_answers_500_when_retry_cannot_be_published(
     client = make_client("moderation_consumer")
     disposable_postgres.stop()
     headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
-    assert client.post("/", headers=headers, content=body).status_code == 500
+    response = client.post("/", headers=headers, content=body)
+    assert response.status_code == 503  # 5xx: the record is delivered again
+    assert response.json() == {"detail": "Message broker is not available"}
 
 
 def test_consumer_record_naming_another_items_task_leaves_that_task_alone(
@@ -304,3 +306,17 @@ def test_consumer_logs_the_outcome_with_the_request_id_of_the_event(
         assert post(({**headers, "ce-requestid": "req-77"}, body)) == 200
     (line,) = [r for r in caplog.records if r.getMessage() == f"task {task_id}: completed"]
     assert (line.request_id, line.task_id, line.item_id) == ("req-77", task_id, ad["item_id"])
+
+
+def test_consumer_serves_health_and_readiness(make_client, database_url: str) -> None:
+    client = make_client("moderation_consumer")
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"model": "ok", "database": "ok"}
+
+
+def test_consumer_rejects_what_is_not_a_cloudevent_with_400(make_client) -> None:
+    response = make_client("moderation_consumer").post("/", content=b"plain bytes")
+    assert response.status_code == 400  # a sink's "never deliver this again"
+    assert "not a CloudEvent" in response.json()["detail"]
