@@ -30,12 +30,14 @@ FROM ${PYTHON_IMAGE}
 # Logs reach the container runtime at once; no .pyc written at run time. The model is baked in
 # at MODEL_PATH: mount another export over /app/model to serve it instead. HOME is writable
 # (gunicorn keeps its control socket there) and is the one folder to mount an emptyDir on
-# when the root filesystem is read-only.
+# when the root filesystem is read-only. PROMETHEUS_MULTIPROC_DIR: where each worker process
+# keeps its metrics so that /metrics adds them up (emptied by the entrypoint at start).
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_PATH=/app/model/model.onnx \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus \
     PORT=8080
 COPY --from=builder /opt/venv /opt/venv
 COPY functions /app/functions

@@ -23,11 +23,16 @@ import httpx
 
 from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
+from shared import metrics
 from shared.kafka_admin import producer_config
 from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
 
 log = logging.getLogger(__name__)
 
+
+LAG_INTERVAL_SECONDS = 10.0
+_LAGS: dict[tuple[str, int], int] = {}
+_LAG_LOCK = threading.Lock()
 
 # Answers after which KafkaSource delivers again: the sink is not ready or is overloaded.
 RETRYABLE_4XX = {404, 408, 409, 425, 429}
@@ -107,16 +112,40 @@ class TopicPusher(ConsumerLoop):
     _producer: Any = field(default=None, init=False, repr=False)
 
     def consume(self, consumer: Any) -> None:
+        lag_measured = 0.0
         with httpx.Client(timeout=self.request_timeout) as client:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
                 heartbeat.beat()
+                if time.monotonic() - lag_measured > LAG_INTERVAL_SECONDS:
+                    lag_measured = time.monotonic()
+                    self._measure_lag(consumer)
                 if message is None:
                     continue
                 if message.error():
                     log.warning("%s: consumer error: %s", self.topic, message.error())
                     continue
                 self._handle(consumer, client, message)
+
+    def _measure_lag(self, consumer: Any) -> None:
+        """Records between each owned partition's position and its end, summed per topic over
+        this process's pushers. (The embedded broker reports the end wrong: approximate there.)"""
+        from confluent_kafka import KafkaException
+
+        lag = 0
+        try:
+            owned = consumer.assignment()
+            for position in consumer.position(owned):
+                _, high = consumer.get_watermark_offsets(position, timeout=1.0)
+                if position.offset >= 0 and high >= 0:
+                    lag += max(high - position.offset, 0)
+        except KafkaException as error:
+            log.debug("%s: lag not measured: %s", self.topic, error)
+            return
+        with _LAG_LOCK:
+            _LAGS[(self.topic, id(self))] = lag
+            total = sum(value for (topic, _), value in _LAGS.items() if topic == self.topic)
+        metrics.ADAPTER_LAG.labels(self.topic).set(total)
 
     def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
         request = self._request(message)
@@ -159,16 +188,22 @@ class TopicPusher(ConsumerLoop):
         if isinstance(request, str):
             return self._dead_letter(message, request)
         headers, body = request
+        metrics.ADAPTER_IN_FLIGHT.inc()
         try:
             response = client.post(self.sink_url, headers=headers, content=body)
         except httpx.HTTPError as error:
             log.warning("%s: sink unreachable: %s", self.topic, error)
+            metrics.ADAPTER_DELIVERIES.labels(self.topic, "failed").inc()
             return False
+        finally:
+            metrics.ADAPTER_IN_FLIGHT.dec()
         code = response.status_code
         if 200 <= code < 300:
+            metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc()
             return True
         if 400 <= code < 500 and code not in RETRYABLE_4XX:
             return self._dead_letter(message, f"the sink rejected the record: HTTP {code}")
+        metrics.ADAPTER_DELIVERIES.labels(self.topic, "failed").inc()
         log.warning(
             "%s[%d]@%d: sink answered %d",
             message.topic(), message.partition(), message.offset(), code,
@@ -207,6 +242,7 @@ class TopicPusher(ConsumerLoop):
         if acknowledged != [True]:
             self._producer = None  # start afresh next time (a broken idempotent producer)
             return False
+        metrics.ADAPTER_DELIVERIES.labels(self.topic, "dead-lettered").inc()
         return True
 
     def _commit(self, consumer: Any, message: Any) -> None:
@@ -272,6 +308,7 @@ class Adapter:
         concurrency: int = 4,
         dead_letter_topic: str = "moderation_dlq",
     ) -> None:
+        self.bootstrap_servers = bootstrap_servers
         retry_group = f"{group_id}-retry"
         self.pushers = [
             TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url,

@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -88,6 +88,47 @@ def require_broker() -> str:
             f"KAFKA_BOOTSTRAP_SERVERS: no broker answered at {bootstrap} within {timeout:g} s"
         ) from None
     return bootstrap
+
+
+def broker_answers(bootstrap: str) -> Callable[[], bool]:
+    """A readiness check: the broker answers a metadata request within 2 s."""
+    from confluent_kafka.admin import AdminClient
+
+    from shared.kafka_admin import admin_config
+
+    admin = AdminClient(admin_config(bootstrap, log_level=0))
+
+    def check() -> bool:
+        try:
+            admin.list_topics(timeout=2)
+            return True
+        except Exception:
+            return False
+
+    return check
+
+
+def database_answers(database_url: str) -> Callable[[], bool]:
+    """A readiness check: the database accepts a connection within 2 s."""
+    import psycopg
+
+    def check() -> bool:
+        try:
+            psycopg.connect(database_url, connect_timeout=2).close()
+            return True
+        except psycopg.Error:
+            return False
+
+    return check
+
+
+def serve_ops(role: str, **checks: Callable[[], bool]) -> None:
+    """/health, /ready (these checks) and /metrics on OPS_PORT, if it is set."""
+    port = get_settings().ops_port
+    if port is not None:
+        from moderation import ops
+
+        ops.serve(port, role, lambda: {name: check() for name, check in checks.items()})
 
 
 def wait_for_stop_signal() -> None:
@@ -178,7 +219,8 @@ def adapter(sink: str, group: str, concurrency: int | None) -> None:
         concurrency or settings.topic_partitions,
         settings.dlq_topic,
     )
-    logs.startup(settings, "adapter", sink=sink, group=group)
+    logs.startup(settings, "adapter", sink=sink, group=group, ops_port=settings.ops_port)
+    serve_ops("adapter", broker=broker_answers(pushers.bootstrap_servers))
     pushers.start()
     wait_for_stop_signal()
     pushers.stop()
@@ -197,7 +239,12 @@ def dlq_recorder(group: str) -> None:
         group,
         database_url=require_database(settings.database_url),
     )
-    logs.startup(settings, "dlq-recorder", group=group)
+    logs.startup(settings, "dlq-recorder", group=group, ops_port=settings.ops_port)
+    serve_ops(
+        "dlq-recorder",
+        broker=broker_answers(recorder.bootstrap_servers),
+        database=database_answers(recorder.database_url),
+    )
     thread = threading.Thread(target=recorder.run, name="dlq-recorder", daemon=True)
     thread.start()
     wait_for_stop_signal()
@@ -220,8 +267,8 @@ def relay(interval: float, once: bool) -> None:
     from shared import db
     from shared.errors import ModerationError
 
-    require_broker()
-    require_database(get_settings().database_url)
+    bootstrap = require_broker()
+    database_url = require_database(get_settings().database_url)
     if once:
 
         async def one_pass() -> dict[str, int]:
@@ -236,7 +283,8 @@ def relay(interval: float, once: bool) -> None:
             raise click.ClickException(f"relay: {error.detail_value}") from None
         click.echo(json.dumps(counts))
         return
-    logs.startup(get_settings(), "relay", interval=interval)
+    logs.startup(get_settings(), "relay", interval=interval, ops_port=get_settings().ops_port)
+    serve_ops("relay", broker=broker_answers(bootstrap), database=database_answers(database_url))
     # SIGTERM stops it the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
@@ -247,16 +295,18 @@ def relay(interval: float, once: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--backend", "backends", multiple=True, required=True, help="name=URL")
-def gateway(host: str, port: int, backends: tuple[str, ...]) -> None:
+@click.option("--component", "components", multiple=True, help="name=URL, in /ready too")
+def gateway(host: str, port: int, backends: tuple[str, ...], components: tuple[str, ...]) -> None:
     """Serve every HTTP route on one port, forwarding to the functions (dev only)."""
     import uvicorn
 
     from moderation.dev.gateway import create_gateway
 
-    if any("=" not in backend for backend in backends):
-        raise click.UsageError("--backend takes NAME=URL")
-    table = dict(backend.split("=", 1) for backend in backends)
-    uvicorn.run(create_gateway(table), host=host, port=port, log_level="warning")
+    if any("=" not in pair for pair in (*backends, *components)):
+        raise click.UsageError("--backend and --component take NAME=URL")
+    table = dict(pair.split("=", 1) for pair in backends)
+    others = dict(pair.split("=", 1) for pair in components)
+    uvicorn.run(create_gateway(table, others), host=host, port=port, log_level="warning")
 
 
 @main.command("gateway-config")

@@ -16,6 +16,7 @@ import psycopg
 
 from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
+from shared import metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class DeadLetterRecorder(ConsumerLoop):
                             )
                         if record_failure(conn, message.value() or b""):
                             self.recorded += 1
+                            metrics.DEAD_LETTERS_RECORDED.inc()
                         break
                     except psycopg.OperationalError as error:
                         log.warning("database not available (%s), again in %.1fs", error, backoff)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TOPICS_CHECK_INTERVAL = 5.0
 STALE_CHECK_INTERVAL = 10.0
 PRUNE_INTERVAL = 600.0
+MEASURE_INTERVAL = 5.0
 
 
 def project_topics() -> dict[str, int]:
@@ -51,10 +52,16 @@ async def one_pass() -> dict[str, int]:
 async def run(interval: float = 1.0, once: bool = False) -> int:
     """Relay until cancelled (or one pass with once=True); returns rows published."""
     total = 0
-    topics_checked = stale_checked = pruned_at = 0.0
+    topics_checked = stale_checked = pruned_at = measured_at = 0.0
     try:
         while True:
             heartbeat.beat()
+            if time.monotonic() - measured_at > MEASURE_INTERVAL:
+                try:
+                    await tasks.measure_outbox()
+                    measured_at = time.monotonic()
+                except Exception as error:
+                    log.warning("relay: outbox backlog not measured: %r", error)
             if time.monotonic() - pruned_at > PRUNE_INTERVAL:
                 try:
                     if pruned := await tasks.prune_outbox():

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
 
     # How long a process waits at start for the database or broker it needs before it exits.
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The adapter, relay and dead-letter recorder serve /health, /ready and /metrics here.
+    ops_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     # Workers without HTTP (adapter, relay, dead-letter recorder) touch this file while alive.
     heartbeat_file: Path | None = None
 

@@ -9,11 +9,12 @@ duplicate delivery never changes a finished task.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from shared import db, logs, repository
+from shared import db, logs, metrics, repository
 from shared.config import get_settings
 from shared.errors import (
     InvalidMessage,
@@ -63,7 +64,10 @@ async def handle(data: Any, attributes: dict[str, Any]) -> str:
     logs.request_id.set(str(request_id) if request_id else None)
     logs.task_id.set(None)
     logs.item_id.set(None)
+    started = time.perf_counter()
     outcome = await _handle(data, attributes)
+    metrics.TASK_PROCESSING.observe(time.perf_counter() - started)
+    metrics.TASKS.labels(outcome).inc()
     log.info("task %s: %s", logs.task_id.get(), outcome, extra={"fields": {"outcome": outcome}})
     return outcome
 
@@ -119,7 +123,10 @@ async def _score(delivery: Delivery) -> str:
             model_version=model.version,
             attempts=message.retry_count + 1,
         )
-    return "completed" if updated else "duplicate"
+    if not updated:
+        return "duplicate"
+    metrics.TASK_AGE.observe((now() - task["created_at"]).total_seconds())
+    return "completed"
 
 
 async def _on_failure(delivery: Delivery, error: ModerationError, temporary: bool = False) -> str:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import logs
+from shared import logs, metrics
 from shared.config import get_settings
 from shared.errors import (
     InvalidCloudEvent,
@@ -79,6 +79,7 @@ class Router:
         # Most paths have no {parameter}: found by one dict lookup, with or without a slash.
         self._exact: dict[str, list[Endpoint]] = {}
         self._templated: list[Endpoint] = []
+        self._record = metrics.http_recorder()
         for endpoint in endpoints:
             if "{" in endpoint.path:
                 self._templated.append(endpoint)
@@ -92,38 +93,43 @@ class Router:
         headers = request.headers
         request_id = logs.new_request_id(headers.get("x-request-id"), headers.get("traceparent"))
         token = logs.request_id.set(request_id)
+        route = "unmatched"  # the metrics label of a path no route serves
         try:
-            response = await self._dispatch(request)
+            route, response = await self._dispatch(request)
             response.headers["X-Request-ID"] = request_id
+            seconds = time.perf_counter() - started
+            status = response.status_code
+            self._record(route, request.method, status, seconds)
             if logs.access.enabled:
-                duration_ms = round((time.perf_counter() - started) * 1000, 2)
-                logs.access.line(
-                    request.method, request.url.path, response.status_code, duration_ms
-                )
+                logs.access.line(request.method, request.url.path, status, round(seconds * 1e3, 2))
             return response
         finally:
             logs.request_id.reset(token)
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def _dispatch(self, request: Request) -> tuple[str, Response]:
+        """The route template that served the request (a metrics label) and the answer."""
+        route = "unmatched"
         try:
-            handler, params = self._match(request.method, request.url.path)
-            result = await handler(request, **params)
+            endpoint, params = self._match(request.method, request.url.path)
+            route = endpoint.path
+            result = await endpoint.handler(request, **params)
         except _MethodNotAllowed as error:
             response = error_response(error.status, error.detail)
             response.headers["Allow"] = ", ".join(error.detail_value)
-            return response
+            return error.route, response
         except ModerationError as error:
-            return error_response(error.status, error.detail_value)
+            return route, error_response(error.status, error.detail_value)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(500, "Internal server error")
+            return route, error_response(500, "Internal server error")
         if isinstance(result, Response):
-            return result
+            return route, result
         if isinstance(result, Raw):
-            return Response(result.body, media_type=result.media_type, headers=result.headers)
-        return JSONResponse(result)
+            headers = result.headers
+            return route, Response(result.body, media_type=result.media_type, headers=headers)
+        return route, JSONResponse(result)
 
-    def _match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    def _match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
         rest = strip_prefix(path)
         candidates = self._exact.get(rest)
         params: dict[str, str] = {}
@@ -138,11 +144,13 @@ class Router:
             raise NotFound()
         for endpoint in candidates:
             if endpoint.method == method or (method == "HEAD" and endpoint.method == "GET"):
-                return endpoint.handler, params
+                return endpoint, params
         allowed = {endpoint.method for endpoint in candidates}
         if "GET" in allowed:
             allowed.add("HEAD")
-        raise _MethodNotAllowed(sorted(allowed))
+        error = _MethodNotAllowed(sorted(allowed))
+        error.route = candidates[0].path
+        raise error
 
 
 def function_router(
@@ -176,12 +184,18 @@ def function_router(
         raise RuntimeError(
             f"functions/{function}: {', '.join(sorted(given))} in no route of shared/routes.py"
         )
-    return Router(*endpoints, *health_routes(**checks))
+    return Router(*endpoints, *health_routes(**checks), Endpoint("GET", "/metrics", _metrics))
+
+
+async def _metrics(request: Request) -> Raw:
+    body, content_type = metrics.exposition()
+    return Raw(body, content_type)
 
 
 class _MethodNotAllowed(ModerationError):
     status = 405
     detail = "Method Not Allowed"
+    route = "unmatched"
 
 
 def validation_errors(error: ValidationError, where: str) -> list[dict[str, Any]]:

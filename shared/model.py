@@ -17,11 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from shared import model_contract
+from shared import metrics, model_contract
 from shared.config import get_settings
 from shared.errors import ModelUnavailable, ScoringFailed
 
 log = logging.getLogger(__name__)
+
+# Looked up once: the per-call cost is then one bucket and one counter update.
+_observe_inference = metrics.INFERENCE.observe
+_count_violations = metrics.PREDICTIONS.labels("violation").inc
+_count_ok = metrics.PREDICTIONS.labels("ok").inc
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class Model:
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Violation probability per row of a (n, len(FEATURES)) float64 matrix."""
         try:
+            started = time.perf_counter()
             (probabilities,) = self._session.run([self._output], {self._input: features})
+            _observe_inference(time.perf_counter() - started)
             return np.asarray(probabilities)[:, 1]
         except Exception as error:  # onnxruntime raises its own exception types
             log.exception("model inference failed")
@@ -53,10 +60,16 @@ class Model:
         if not ads:
             return []
         probabilities = self.probabilities(model_contract.feature_matrix(ads))
-        return [
+        scores = [
             Score(is_violation=bool(p >= self.threshold), probability=float(p))
             for p in probabilities
         ]
+        violations = sum(score.is_violation for score in scores)
+        if violations:
+            _count_violations(violations)
+        if violations < len(scores):
+            _count_ok(len(scores) - violations)
+        return scores
 
 
 def load_model(path: Path) -> Model:

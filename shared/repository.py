@@ -139,6 +139,17 @@ async def lock_unpublished(
     return await cursor.fetchall()
 
 
+async def outbox_backlog(conn: psycopg.AsyncConnection[Any]) -> tuple[int, float]:
+    """How many outbox rows wait to be published, and the age in seconds of the oldest."""
+    cursor = await conn.execute(
+        "SELECT count(*) AS rows, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS age"
+        " FROM outbox WHERE published_at IS NULL"
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row["rows"]), float(row["age"])
+
+
 async def mark_published(conn: psycopg.AsyncConnection[Any], outbox_ids: list[int]) -> None:
     if outbox_ids:
         await conn.execute(

@@ -7,7 +7,7 @@ import logging
 
 import orjson
 
-from shared import db, repository
+from shared import db, metrics, repository
 from shared.config import get_settings
 from shared.errors import BrokerUnavailable, ItemNotFound, TaskNotFound
 from shared.kafka import get_publisher
@@ -83,6 +83,15 @@ async def prune_outbox() -> int:
         return await repository.prune_outbox(conn, older_than_seconds=retention)
 
 
+async def measure_outbox() -> tuple[int, float]:
+    """Outbox rows waiting and the oldest one's age, also set on the relay's gauges."""
+    async with db.connection() as conn:
+        rows, age = await repository.outbox_backlog(conn)
+    metrics.OUTBOX_BACKLOG.set(rows)
+    metrics.OUTBOX_OLDEST.set(age)
+    return rows, age
+
+
 async def relay_once(grace_seconds: float | None = None) -> int:
     """Publish unpublished outbox rows (oldest first); returns how many were published.
 
@@ -102,6 +111,7 @@ async def relay_once(grace_seconds: float | None = None) -> int:
         )
         published = [row["id"] for row, ok in zip(rows, delivered, strict=True) if ok]
         await repository.mark_published(conn, published)
+    metrics.OUTBOX_PUBLISHED.inc(len(published))
     if len(published) < len(rows):
         log.warning(
             "relay: %d of %d outbox rows not delivered", len(rows) - len(published), len(rows)

@@ -3,6 +3,12 @@
 # names on $PORT; any other command runs as given (`moderation adapter`, `moderation migrate`).
 set -eu
 
+# Metrics of the processes of an earlier start would be added to this one's: start empty.
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+    rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
+
 if [ "$#" -gt 0 ] && [ "$1" != serve ]; then
     exec "$@"
 fi

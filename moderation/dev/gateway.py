@@ -22,8 +22,12 @@ from shared.routes import function_of, strip_prefix
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 
 
-def create_gateway(backends: Mapping[str, str]) -> Starlette:
-    """backends: function name -> base URL."""
+def create_gateway(
+    backends: Mapping[str, str], components: Mapping[str, str] | None = None
+) -> Starlette:
+    """backends: function name -> base URL; components: other processes whose /ready the
+    gateway's /ready includes (the consumer, the adapter, the relay...) -> base URL."""
+    everything = {**backends, **(components or {})}
     client = httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_keepalive_connections=64))
 
     async def proxy(request: Request) -> Response:
@@ -61,7 +65,7 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
         return Response(upstream.content, upstream.status_code, headers=response_headers)
 
     async def ready() -> Response:
-        """Ready when every function behind the gateway is ready."""
+        """Ready when every function behind the gateway, and every other component, is."""
 
         async def one(base: str) -> tuple[int, object]:
             try:
@@ -70,12 +74,12 @@ def create_gateway(backends: Mapping[str, str]) -> Starlette:
             except (httpx.HTTPError, ValueError):
                 return 503, "unreachable"
 
-        names = sorted(set(backends))
-        answers = await asyncio.gather(*(one(backends[name]) for name in names))
+        names = sorted(everything)
+        answers = await asyncio.gather(*(one(everything[name]) for name in names))
         ok = all(status == 200 for status, _ in answers)
         body = {
             "status": "ready" if ok else "not ready",
-            "functions": {name: answer for name, (_, answer) in zip(names, answers, strict=True)},
+            "components": {name: answer for name, (_, answer) in zip(names, answers, strict=True)},
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -5,6 +5,7 @@ every route on one port."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,10 +125,19 @@ class DevStack:
             probe = f"{url}/health"
             self.spawn(target, function_command(target, port, self.host), probe)
             self.urls[target] = url
-        self.spawn("adapter", moderation_command("adapter", "--sink", self.urls[CONSUMER]))
-        self.spawn("relay", moderation_command("relay"))
-        self.spawn("dlq-recorder", moderation_command("dlq-recorder"))
+        for name, command in (
+            ("adapter", moderation_command("adapter", "--sink", self.urls[CONSUMER])),
+            ("relay", moderation_command("relay")),
+            ("dlq-recorder", moderation_command("dlq-recorder")),
+        ):
+            ops_port = free_port(self.host)
+            self.urls[name] = f"http://{self.host}:{ops_port}"
+            self.spawn(name, command, f"{self.urls[name]}/health", OPS_PORT=str(ops_port))
         backends = [f"--backend={name}={self.urls[name]}" for name in HTTP_FUNCTIONS]
+        backends += [
+            f"--component={name}={self.urls[name]}"
+            for name in (CONSUMER, "adapter", "relay", "dlq-recorder")
+        ]
         gateway = moderation_command("gateway", "--host", self.host, "--port", str(self.port))
         self.spawn("gateway", [*gateway, *backends], f"http://{self.host}:{self.port}/health")
         self.urls["gateway"] = f"http://{self.host}:{self.port}"
@@ -150,11 +160,18 @@ class DevStack:
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
         }
 
-    def spawn(self, name: str, command: list[str], probe_url: str | None = None) -> None:
+    def spawn(
+        self, name: str, command: list[str], probe_url: str | None = None, **env: str
+    ) -> None:
         log_path = self.state_dir / f"{name}.log"
+        # Each process's metrics in a folder of its own (several workers add up there).
+        metrics_dir = self.state_dir / f"metrics-{name}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
+        child_env = {**self.env(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                command, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+                command, env=child_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
         self.children.append(Child(name, process))
         if probe_url:

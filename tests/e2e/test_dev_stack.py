@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import orjson
 import pytest
 
@@ -56,7 +57,45 @@ def test_stack_serves_every_route_on_one_base_url(driver: Driver) -> None:
     assert driver.http.get("/nothing/here").status_code == 404
     ready = driver.http.get("/moderation/ready")
     assert ready.status_code == 200
-    assert set(ready.json()["functions"]) == {"predict", "async_predict", "get_result"}
+    assert set(ready.json()["components"]) == {
+        "predict", "async_predict", "get_result", "moderation_consumer", "adapter", "relay",
+        "dlq-recorder",
+    }  # fmt: skip
+    assert ready.json()["components"]["relay"]["checks"] == {"broker": "ok", "database": "ok"}
+    for process in ("predict", "moderation_consumer", "adapter", "relay"):
+        exposition = httpx.get(f"{driver.stack.urls[process]}/metrics").text
+        assert "# TYPE moderation_" in exposition, process
+
+
+def metric(driver: Driver, process: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels, read from a process's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{driver.stack.urls[process]}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_metrics_count_every_request_and_every_task(driver: Driver) -> None:
+    ad = insert_ad(driver.database_url)
+    body = {key: ad[key] for key in ad}
+    requests = {"name": "moderation_http_requests_total", "route": "/predict", "status": "200"}
+    before = metric(driver, "predict", **requests)
+    for _ in range(5):
+        assert driver.http.post("/moderation/predict", json=body).status_code == 200
+    assert metric(driver, "predict", **requests) - before == 5
+    assert metric(driver, "predict", "moderation_inference_seconds_count") >= 5
+
+    completed = {"name": "moderation_tasks_total", "outcome": "completed"}
+    before = metric(driver, "moderation_consumer", **completed)
+    driver.wait_finished(driver.accept(ad["item_id"]))
+    assert metric(driver, "moderation_consumer", **completed) - before == 1
+    assert metric(driver, "moderation_consumer", "moderation_task_completion_age_seconds_count")
+    assert metric(driver, "adapter", "moderation_adapter_deliveries_total", result="delivered")
 
 
 def test_async_task_completes_with_the_same_probability_as_predict(driver: Driver) -> None:

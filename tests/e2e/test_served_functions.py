@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,9 +28,16 @@ def _health(base: str) -> bool:
 
 
 @pytest.fixture
-def served_predict(postgres_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def served_predict(
+    postgres_url: str, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": postgres_url, "WORKERS": "2"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres_url,
+        "WORKERS": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),  # as the image sets it
+    }
     process = subprocess.Popen(function_command("predict", port), env=env, cwd=REPO_ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -59,6 +67,25 @@ def test_served_predict_answers_over_http_with_two_workers(served_predict, postg
         assert stored.json()["probability"] == bodies[0]["probability"]
         assert client.get("/ready").json()["status"] == "ready"
         assert client.post("/predict", content=b"{").status_code == 422
+
+
+def test_served_predict_metrics_add_up_every_worker(served_predict) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _ = served_predict
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for _ in range(40):  # new connections: both workers answer some
+            with httpx.Client(base_url=base, timeout=10) as one:
+                assert one.post("/predict", content=b"{").status_code == 422
+        text = client.get("/metrics").text
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "moderation_http_requests_total"
+        and sample.labels == {"route": "/predict", "method": "POST", "status": "422"}
+    ]
+    assert sum(sample.value for sample in samples) == 40
 
 
 def test_served_predict_stops_on_sigterm(served_predict) -> None:

@@ -250,3 +250,16 @@ def test_predict_serves_openapi_and_docs_without_internet(make_client, prefix: s
     bundle = client.get(f"{prefix}/docs/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and len(bundle.content) > 100_000
     assert client.get(f"{prefix}/docs/../../etc/passwd").status_code == 404
+
+
+def test_predict_metrics_count_requests_by_route_template_and_predictions(make_client) -> None:
+    client = make_client("predict")
+    client.post("/predict", json=AD)
+    client.post("/moderation/predict", json={})
+    client.get("/no/such/path")
+    text = client.get("/metrics").text
+    assert 'moderation_http_requests_total{method="POST",route="/predict",status="200"}' in text
+    assert 'moderation_http_requests_total{method="POST",route="/predict",status="422"}' in text
+    assert 'route="unmatched",status="404"' in text
+    assert 'moderation_predictions_total{outcome="ok"}' in text
+    assert "moderation_inference_seconds_bucket" in text
