@@ -33,6 +33,8 @@ FRAMEWORK_VARIABLES = {"FUNCTION_TARGET", "FUNCTION_SOURCE", "PORT", "WORKERS", 
 # Variables of the images that compose runs besides the project's (PostgreSQL, the brokers).
 COMPOSE_IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
 COMPOSE_IMAGE_VARIABLES |= {"KAFKA_BROKERS", "ADVERTISED_LISTENER"}
+# Grafana's own (the observability profile).
+COMPOSE_IMAGE_VARIABLES |= {"GF_AUTH_ANONYMOUS_ENABLED", "GF_AUTH_ANONYMOUS_ORG_ROLE"}
 
 
 def manifests() -> list[tuple[str, dict[str, Any]]]:

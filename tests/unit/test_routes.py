@@ -93,3 +93,37 @@ def test_dev_gateway_answers_a_wrong_method_on_its_own_routes_with_405(path: str
         assert response.headers["allow"] == "GET, HEAD"
         assert response.json() == {"detail": "Method Not Allowed"}
         assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_dashboard_and_scrape_config_use_only_declared_metrics() -> None:
+    import json
+    import re
+
+    import yaml
+    from prometheus_client import REGISTRY
+
+    import shared.metrics  # noqa: F401 (declares them)
+
+    declared = {
+        sample_name
+        for collector in list(REGISTRY._collector_to_names)
+        for sample_name in REGISTRY._collector_to_names[collector]
+    }
+    dashboard = json.loads(
+        (REPO_ROOT / "deploy/observability/grafana/dashboards/ad-moderation.json").read_text()
+    )
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bmoderation_\w+", target["expr"])
+    }
+    assert used and used <= declared, used - declared
+    scrape = yaml.safe_load((REPO_ROOT / "deploy/observability/prometheus.yml").read_text())
+    targets = {
+        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
+    assert {t.split(":")[0] for t in targets} == {
+        "predict", "async_predict", "get_result", "moderation_consumer", "adapter", "relay",
+        "dlq-recorder",
+    }  # fmt: skip
