@@ -154,7 +154,10 @@ class Router:
 
 
 def function_router(
-    function: str, *handlers: Handler, **checks: Callable[[], Awaitable[bool]]
+    function: str,
+    *handlers: Handler,
+    optional: tuple[str, ...] = (),
+    **checks: Callable[[], Awaitable[bool]],
 ) -> Router:
     """The router of one function: its routes from the route table, each bound to the handler
     of that name, plus /health and /ready (with these checks).
@@ -184,7 +187,8 @@ def function_router(
         raise RuntimeError(
             f"functions/{function}: {', '.join(sorted(given))} in no route of shared/routes.py"
         )
-    return Router(*endpoints, *health_routes(**checks), Endpoint("GET", "/metrics", _metrics))
+    health = health_routes(optional=optional, **checks)
+    return Router(*endpoints, *health, Endpoint("GET", "/metrics", _metrics))
 
 
 async def _metrics(request: Request) -> Raw:
@@ -293,15 +297,18 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def health_routes(**checks: Callable[[], Awaitable[bool]]) -> Sequence[Endpoint]:
-    """GET /health (the process answers) and GET /ready (every named check passes)."""
+def health_routes(
+    optional: tuple[str, ...] = (), **checks: Callable[[], Awaitable[bool]]
+) -> Sequence[Endpoint]:
+    """GET /health (the process answers) and GET /ready (every named check passes, except the
+    optional ones: reported, but the function serves part of its routes without them)."""
 
     async def health(request: Request) -> dict[str, str]:
         return {"status": "ok"}
 
     async def ready(request: Request) -> Response:
         results = {name: await check() for name, check in checks.items()}
-        ok = all(results.values())
+        ok = all(passed for name, passed in results.items() if name not in optional)
         body = {
             "status": "ready" if ok else "not ready",
             "checks": {name: "ok" if passed else "unavailable" for name, passed in results.items()},

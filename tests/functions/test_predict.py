@@ -154,10 +154,12 @@ def test_predict_unknown_path_is_404_and_wrong_method_is_405(client: TestClient)
     assert wrong_method.headers["Allow"] == "POST"
 
 
-def test_predict_ready_without_database_is_503_naming_the_check(client: TestClient) -> None:
+def test_predict_ready_without_database_still_scores_bodies(client: TestClient) -> None:
     response = client.get("/ready")
-    assert response.status_code == 503
+    assert response.status_code == 200  # ad bodies are scored without a database
     assert response.json()["checks"] == {"model": "ok", "database": "unavailable"}
+    assert client.post("/predict", json=AD).status_code == 200
+    assert client.post("/simple_predict", params={"item_id": 1}).status_code == 503
 
 
 def _use_model_dir(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:

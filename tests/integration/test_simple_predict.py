@@ -92,7 +92,9 @@ def test_simple_predict_database_stopped_is_503_then_recovers(
     response = client.post("/simple_predict", params={"item_id": ad["item_id"]})
     assert response.status_code == 503
     assert response.json() == {"detail": "Database is not available"}
-    assert client.get("/ready").status_code == 503
+    ready = client.get("/ready")
+    assert ready.status_code == 200  # still serves ad bodies...
+    assert ready.json()["checks"]["database"] == "unavailable"  # ...and says what is missing
     # Scoring by body needs no database and keeps working.
     assert client.post("/predict", json=ad).status_code == 200
 
