@@ -53,9 +53,17 @@ def container_of(service: str) -> str:
     return names[0]
 
 
-def python_in(service: str, code: str) -> str:
-    """Run Python in a running container of the stack (the broker is reachable from there)."""
-    result = podman("exec", container_of(service), "python", "-c", code)
+def python_in(service: str, code: str, attempts: int = 3) -> str:
+    """Run Python in a running container of the stack (the broker is reachable from there).
+
+    Tried again on failure: podman 4.3's container DNS now and then fails a lookup right after
+    the stack came up ("Temporary failure in name resolution"), which is not what is tested.
+    """
+    for attempt in range(1, attempts + 1):
+        result = podman("exec", container_of(service), "python", "-c", code)
+        if result.returncode == 0 or attempt == attempts:
+            break
+        print(f"attempt {attempt} failed, again: {result.stderr.strip()[-300:]}")
     assert result.returncode == 0, result.stderr
     return result.stdout
 
