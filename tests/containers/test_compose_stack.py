@@ -91,6 +91,14 @@ def test_gateway_predict_scores_an_ad_on_both_prefixes(gateway: httpx.Client, pr
     assert body["probability"] == pytest.approx(0.769, abs=0.01)
 
 
+@pytest.mark.parametrize("prefix", ["", "/moderation"])
+def test_gateway_serves_openapi_and_docs(gateway: httpx.Client, prefix: str) -> None:
+    assert gateway.get(f"{prefix}/openapi.json").json()["openapi"] == "3.1.0"
+    assert "swagger-ui" in gateway.get(f"{prefix}/docs").text
+    assert gateway.get(f"{prefix}/docs/swagger-ui.css").status_code == 200
+    assert gateway.post(f"{prefix}/health").status_code == 405
+
+
 def test_gateway_simple_predict_scores_a_seeded_ad(gateway: httpx.Client) -> None:
     by_query = gateway.post("/simple_predict", params={"item_id": 1})
     by_body = gateway.post("/moderation/simple_predict", json={"item_id": 1})

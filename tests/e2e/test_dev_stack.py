@@ -55,6 +55,9 @@ def test_stack_serves_every_route_on_one_base_url(driver: Driver) -> None:
         result = driver.http.get(f"{prefix}/moderation_result/{accepted.json()['task_id']}")
         assert result.status_code == 200
     assert driver.http.get("/nothing/here").status_code == 404
+    for prefix in ("", "/moderation"):
+        assert driver.http.get(f"{prefix}/openapi.json").json()["openapi"] == "3.1.0"
+        assert driver.http.get(f"{prefix}/docs/swagger-ui-bundle.js").status_code == 200
     ready = driver.http.get("/moderation/ready")
     assert ready.status_code == 200
     assert set(ready.json()["components"]) == {
