@@ -309,6 +309,23 @@ def gateway(host: str, port: int, backends: tuple[str, ...], components: tuple[s
     uvicorn.run(create_gateway(table, others), host=host, port=port, log_level="warning")
 
 
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8080, show_default=True, envvar="PORT")
+@click.option("--component", "components", multiple=True, required=True, help="name=URL")
+def status(host: str, port: int, components: tuple[str, ...]) -> None:
+    """Serve /ready for the whole service: every component's /ready in one answer."""
+    import uvicorn
+
+    from moderation.status import create_status_app
+
+    if any("=" not in pair for pair in components):
+        raise click.UsageError("--component takes NAME=URL")
+    table = dict(pair.split("=", 1) for pair in components)
+    logs.startup(get_settings(), "status", port=port, components=table)
+    uvicorn.run(create_status_app(table), host=host, port=port, log_level="warning")
+
+
 @main.command("gateway-config")
 def gateway_config() -> None:
     """Print the compose gateway's nginx config, made from the route table."""

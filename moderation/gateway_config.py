@@ -27,27 +27,13 @@ def _function_location(function: str) -> str:
 
 
 def _ready_locations() -> list[str]:
-    """/ready passes only if every function's /ready answers 2xx: each check asks one function
-    and, through auth_request, the next; the last one's answer is the body."""
-    *checked, last = HTTP_FUNCTIONS
-    lines = []
-    for prefix in ("", "/moderation"):
-        lines += [
-            f"    location = {prefix}/ready {{",
-            f"        {_GET_ONLY}",
-            f"        auth_request /_ready/{checked[0]};" if checked else "",
-            "        error_page 500 = @not_ready;",
-            f"        proxy_pass http://{last}/ready;",
-            "    }",
-        ]
-    for number, function in enumerate(checked):
-        following = checked[number + 1] if number + 1 < len(checked) else None
-        chain = f" auth_request /_ready/{following};" if following else ""
-        lines.append(
-            f"    location = /_ready/{function} {{ internal;{chain} "
-            f"proxy_pass http://{function}/ready; }}"
-        )
-    return [line for line in lines if line]
+    """/ready is the status service's: every component's readiness in one answer."""
+    return [
+        "    location ~ ^(/moderation)?/ready$ {",
+        f"        {_GET_ONLY}",
+        f"        proxy_pass http://status:{PORT};",
+        "    }",
+    ]
 
 
 def render_nginx() -> str:
@@ -114,10 +100,6 @@ def render_nginx() -> str:
         "    location @too_large {",
         "        default_type application/json;",
         '        return 413 \'{"detail":"Request body is too large"}\';',
-        "    }",
-        "    location @not_ready {",
-        "        default_type application/json;",
-        '        return 503 \'{"status":"not ready","detail":"A function is not ready"}\';',
         "    }",
         "    location @unavailable {",
         "        default_type application/json;",

@@ -6,7 +6,6 @@ In production a real gateway (nginx, Envoy, a Knative/Cloud Run domain mapping) 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -16,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from moderation.status import readiness
 from shared.routes import function_of, strip_prefix
 
 # Hop-by-hop headers are the proxy's own business, never forwarded.
@@ -66,22 +66,8 @@ def create_gateway(
 
     async def ready() -> Response:
         """Ready when every function behind the gateway, and every other component, is."""
-
-        async def one(base: str) -> tuple[int, object]:
-            try:
-                response = await client.get(f"{base}/ready", timeout=5.0)
-                return response.status_code, response.json()
-            except (httpx.HTTPError, ValueError):
-                return 503, "unreachable"
-
-        names = sorted(everything)
-        answers = await asyncio.gather(*(one(everything[name]) for name in names))
-        ok = all(status == 200 for status, _ in answers)
-        body = {
-            "status": "ready" if ok else "not ready",
-            "components": {name: answer for name, (_, answer) in zip(names, answers, strict=True)},
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        status, body = await readiness(client, everything)
+        return JSONResponse(body, status_code=status)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
