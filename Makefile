@@ -63,6 +63,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/bandit --quiet --recursive --severity-level medium shared moderation model_export functions
 
 format: install
 	$(BIN)/ruff format .

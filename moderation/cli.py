@@ -309,8 +309,12 @@ def gateway(host: str, port: int, backends: tuple[str, ...], components: tuple[s
     uvicorn.run(create_gateway(table, others), host=host, port=port, log_level="warning")
 
 
+# Every interface: `status` runs in a container, whose port is all that is published.
+ALL_INTERFACES = "0.0.0.0"  # nosec B104
+
+
 @main.command()
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default=ALL_INTERFACES, show_default=True)
 @click.option("--port", default=8080, show_default=True, envvar="PORT")
 @click.option("--component", "components", multiple=True, required=True, help="name=URL")
 def status(host: str, port: int, components: tuple[str, ...]) -> None:

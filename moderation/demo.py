@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
 USERS = [(1, False), (2, True)]
 
@@ -30,8 +31,10 @@ def insert_demo_data(database_url: str) -> int:
         # Explicit ids do not move identity sequences; move them so later inserts don't collide.
         for table in ("users", "advertisements"):
             conn.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
-                f" (SELECT max(id) FROM {table}))"
+                sql.SQL(
+                    "SELECT setval(pg_get_serial_sequence({name}, 'id'),"
+                    " (SELECT max(id) FROM {table}))"
+                ).format(name=sql.Literal(table), table=sql.Identifier(table))
             )
         row = conn.execute("SELECT count(*) FROM advertisements").fetchone()
     return int(row[0]) if row else 0

@@ -15,8 +15,10 @@ from pathlib import Path
 
 def check_url(url: str, any_status: bool, timeout: float) -> str | None:
     """None when healthy, else why not."""
+    if not url.startswith(("http://", "https://")):  # no file:// or other schemes
+        return f"{url}: not an http(s) URL"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # nosec B310
             status = response.status
     except urllib.error.HTTPError as error:
         status = error.code

@@ -106,14 +106,14 @@ def exposition() -> tuple[bytes, str]:
 
 def http_recorder() -> Callable[[str, str, int, float], None]:
     """Records one answered request; its labelled children are looked up once each."""
-    requests: dict[tuple[str, str, int], Callable[[], None]] = {}
+    counters: dict[tuple[str, str, int], Callable[[], None]] = {}
     durations: dict[str, Callable[[float], None]] = {}
 
     def record(route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
-        inc = requests.get(key)
+        inc = counters.get(key)
         if inc is None:
-            inc = requests[key] = HTTP_REQUESTS.labels(route, method, str(status)).inc
+            inc = counters[key] = HTTP_REQUESTS.labels(route, method, str(status)).inc
         observe = durations.get(route)
         if observe is None:
             observe = durations[route] = HTTP_DURATION.labels(route).observe

@@ -29,9 +29,10 @@ async def ad_exists(conn: psycopg.AsyncConnection[Any], item_id: int) -> bool:
     return await cursor.fetchone() is not None
 
 
-_TASK_COLUMNS = """
-    id AS task_id, item_id, status, is_violation, probability, error_message,
+_GET_TASK = """
+SELECT id AS task_id, item_id, status, is_violation, probability, error_message,
     error_message AS error, created_at, processed_at, model_version, attempts
+FROM moderation_results WHERE id = %s
 """
 
 
@@ -59,9 +60,7 @@ async def insert_task(
 
 
 async def get_task(conn: psycopg.AsyncConnection[Any], task_id: int) -> dict[str, Any] | None:
-    cursor = await conn.execute(
-        f"SELECT {_TASK_COLUMNS} FROM moderation_results WHERE id = %s", (task_id,)
-    )
+    cursor = await conn.execute(_GET_TASK, (task_id,))
     return await cursor.fetchone()
 
 

@@ -46,8 +46,8 @@ def moderation_command(*args: str) -> list[str]:
 
 def answers_http(url: str) -> bool:
     """True once anything answers HTTP at url (a CloudEvent function answers GET with 405)."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0):
+    try:  # url is one of the dev stack's own http:// addresses
+        with urllib.request.urlopen(url, timeout=1.0):  # nosec B310
             return True
     except urllib.error.HTTPError as error:
         return error.code < 500
