@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -265,3 +266,32 @@ def test_predict_metrics_count_requests_by_route_template_and_predictions(make_c
     assert 'route="unmatched",status="404"' in text
     assert 'moderation_predictions_total{outcome="ok"}' in text
     assert "moderation_inference_seconds_bucket" in text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**AD, "item_id": 2**70},
+        {**AD, "seller_id": -(2**64)},
+        {**AD, "is_verified_seller": "yes"},
+        {**AD, "images_qty": "3"},
+        {**AD, "name": "\ud800"},
+    ],
+)
+def test_predict_hostile_values_are_422_json(client: TestClient, body: dict) -> None:
+    content = json.dumps(body).encode()  # the stdlib writes what orjson would refuse
+    response = client.post("/predict", content=content)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+def test_simple_predict_item_id_in_query_and_body_must_agree(make_client, database_url) -> None:
+    from tests.conftest import insert_ad
+
+    ad = insert_ad(database_url)
+    client = make_client("predict")
+    item = {"item_id": ad["item_id"]}
+    assert client.post("/simple_predict", params=item, json=item).status_code == 200
+    conflict = client.post("/simple_predict", params=item, json={"item_id": ad["item_id"] + 1})
+    assert conflict.status_code == 422
+    assert conflict.json()["detail"][0]["loc"] == ["body", "item_id"]
