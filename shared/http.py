@@ -301,15 +301,25 @@ async def parse_cloudevent(request: Request) -> tuple[Any, dict[str, Any]]:
 MAX_IDEMPOTENCY_KEY = 255
 
 
+# Printable ASCII, as HTTP header values carry it reliably.
+_IDEMPOTENCY_KEY = re.compile(rf"[ -~]{{1,{MAX_IDEMPOTENCY_KEY}}}")
+
+
 def idempotency_key(request: Request) -> str | None:
     """The optional Idempotency-Key header: the same key gives the same task."""
     key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
         raise ValidationFailed(
-            [{"type": "string_too_long", "loc": ["header", "Idempotency-Key"],
-              "msg": f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"}]
+            [{"type": "string_pattern_mismatch", "loc": ["header", "Idempotency-Key"],
+              "msg": f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+                     " characters"}]
         )  # fmt: skip
     return key
+
+
+def replayed(answer: BaseModel) -> JSONResponse:
+    """The answer to a request that repeats an earlier one (its Idempotency-Key), so marked."""
+    return JSONResponse(answer, headers={"Idempotent-Replayed": "true"})
 
 
 def health_routes(

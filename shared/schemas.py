@@ -67,6 +67,16 @@ class TaskAccepted(BaseModel):
     message: str = "Moderation request accepted"
 
 
+class TaskReplay(TaskAccepted):
+    """The answer to an Idempotency-Key used again: the same task, as it is now."""
+
+    message: str = "Moderation request already accepted"
+    replay: bool = True
+    is_violation: bool | None = None
+    probability: float | None = None
+    error_message: str | None = None
+
+
 class TaskResult(BaseModel):
     task_id: int
     item_id: int

@@ -12,18 +12,30 @@ from shared.config import get_settings
 from shared.errors import BrokerUnavailable, ItemNotFound, TaskNotFound
 from shared.kafka import get_publisher
 from shared.messages import SOURCE_ACCEPTED, Record, cloudevent_headers, moderation_payload
-from shared.schemas import TaskAccepted, TaskResult
+from shared.schemas import TaskAccepted, TaskReplay, TaskResult
 
 log = logging.getLogger(__name__)
 
 
 async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccepted:
-    """The commit is the promise: once it returns, the task reaches completed or failed."""
+    """The commit is the promise: once it returns, the task reaches completed or failed.
+
+    A key used before gives that task as it is now (a TaskReplay), and nothing new."""
     settings = get_settings()
     async with db.connection() as conn, conn.transaction():
         if not await repository.ad_exists(conn, item_id):
             raise ItemNotFound()
         task_id, created = await repository.insert_task(conn, item_id, idempotency_key)
+        if not created:
+            task = await repository.get_task(conn, task_id)
+            assert task is not None, "the task of a known key exists"
+            return TaskReplay(
+                task_id=task_id,
+                status=task["status"],
+                is_violation=task["is_violation"],
+                probability=task["probability"],
+                error_message=task["error_message"],
+            )
         if created:
             payload = moderation_payload(item_id, task_id)
             headers = cloudevent_headers(task_id, SOURCE_ACCEPTED)

@@ -7,14 +7,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared import db, http, logs, tasks
-from shared.schemas import TaskAccepted
+from shared.schemas import TaskAccepted, TaskReplay
 
 logs.start("async_predict")
 
 
-async def accept(request: Request) -> TaskAccepted:
+async def accept(request: Request) -> TaskAccepted | Response:
     item_id = await http.parse_item_id(request)
-    return await tasks.accept(item_id, http.idempotency_key(request))
+    accepted = await tasks.accept(item_id, http.idempotency_key(request))
+    return http.replayed(accepted) if isinstance(accepted, TaskReplay) else accepted
 
 
 # Paths, methods and models of these handlers: shared/routes.py.

@@ -117,12 +117,40 @@ def test_async_predict_same_idempotency_key_gives_the_same_task(
 ) -> None:
     ad = insert_ad(database_url)
     key = {"Idempotency-Key": f"order-{ad['item_id']}"}
-    first = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()
-    again = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()
+    first = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key)
+    again = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key)
     other = accept.post("/async_predict", params={"item_id": ad["item_id"]}).json()
-    assert first == again
-    assert other["task_id"] != first["task_id"]
-    assert len(kafka_topics.read(kafka_topics.moderation, expect=2)) == 2
+    assert first.json() == {
+        "task_id": first.json()["task_id"], "status": "pending",
+        "message": "Moderation request accepted",
+    }  # fmt: skip
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["task_id"] == first.json()["task_id"]
+    assert again.json()["replay"] is True
+    assert other["task_id"] != first.json()["task_id"]
+    assert len(kafka_topics.read(kafka_topics.moderation, expect=2)) == 2  # no record for a replay
+
+
+def test_async_predict_replay_of_a_finished_task_answers_its_result(
+    accept: TestClient, database_url: str
+) -> None:
+    ad = insert_ad(database_url)
+    key = {"Idempotency-Key": f"done-{ad['item_id']}"}
+    task_id = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()[
+        "task_id"
+    ]
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE moderation_results SET status = 'completed', is_violation = true,"
+            " probability = 0.9, processed_at = now() WHERE id = %s",
+            (task_id,),
+        )
+    replay = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=key).json()
+    assert replay["task_id"] == task_id
+    assert (replay["status"], replay["is_violation"], replay["probability"]) == (
+        "completed", True, 0.9,
+    )  # fmt: skip
 
 
 def test_async_predict_broker_down_still_accepts_and_relay_publishes_later(
@@ -263,11 +291,12 @@ def test_async_predict_idempotency_key_of_another_item_is_422(
     assert "another item" in response.json()["detail"]
 
 
-def test_async_predict_overlong_idempotency_key_is_422(
-    accept: TestClient, database_url: str
+@pytest.mark.parametrize("key", ["k" * 256, "tab\tkey", "ключ", "del\x7fkey"])
+def test_async_predict_bad_idempotency_key_is_422(
+    accept: TestClient, database_url: str, key: str
 ) -> None:
     ad = insert_ad(database_url)
-    headers = {"Idempotency-Key": "k" * 3000}
+    headers = {"Idempotency-Key": key.encode("utf-8")}  # as bytes: any octets on the wire
     response = accept.post("/async_predict", params={"item_id": ad["item_id"]}, headers=headers)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
