@@ -8,7 +8,6 @@ committed offsets). Its output goes to a log file, never to the terminal.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import logging
 import os
@@ -18,16 +17,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from moderation.dev.ports import free_port, port_is_free
+from moderation.dev.ports import die_with_parent, free_port, port_is_free
 from shared.kafka_admin import admin_config
 
 __all__ = ["CLIENT_TUNING", "EmbeddedKafka", "EmbeddedKafkaError", "tansu_binary"]
@@ -68,7 +65,6 @@ CLIENT_TUNING = {
     # Reconnect quickly after a broker restart (the default backoff grows to 10 s).
     "KAFKA_RECONNECT_BACKOFF_MAX_MS": "1000",
 }
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _LOG_TAIL_BYTES = 3_000
 
 
@@ -102,34 +98,6 @@ def _accepts_connections(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes Linux kill the broker when this process dies, even by SIGKILL.
-
-    PR_SET_PDEATHSIG fires when the *thread* that started the child ends, so it is only used
-    from the main thread: a broker started from a worker thread would otherwise die with
-    that thread. Elsewhere the atexit hook (clean exits and unhandled exceptions) must do.
-    """
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        # Resolved here, in the parent: the forked child should do as little as possible.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    # int prctl(int option, unsigned long arg2, ...): declared so arg2 is passed full width.
-    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    prctl.restype = ctypes.c_int
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The parent may have died between fork() and prctl(): then nobody would signal us.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 class EmbeddedKafka:
@@ -223,7 +191,7 @@ class EmbeddedKafka:
                 # Its own session: a Ctrl-C in the terminal reaches only the parent, which then
                 # stops its clients and the broker in order instead of racing a dead broker.
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),  # see there why it is only used from the main thread
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         # Stops the broker on a normal exit or an unhandled exception of the parent.
         atexit.register(self.stop)

@@ -1,8 +1,16 @@
-"""Local TCP ports for the processes the project starts itself."""
+"""Local TCP ports and child processes for the servers the project starts itself."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import socket
+import sys
+import threading
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,3 +30,32 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def die_with_parent(signum: signal.Signals) -> Callable[[], None] | None:
+    """A preexec_fn that makes Linux send `signum` to the child when this process dies, even
+    by SIGKILL (SIGTERM lets a server stop its own workers; SIGKILL for a broker).
+
+    PR_SET_PDEATHSIG fires when the *thread* that started the child ends, so it is only used
+    from the main thread: a child started from a worker thread would otherwise die with that
+    thread. Elsewhere the atexit hooks (clean exits and unhandled exceptions) must do.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        # Resolved here, in the parent: the forked child should do as little as possible.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    # int prctl(int option, unsigned long arg2, ...): declared so arg2 is passed full width.
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        # The parent may have died between fork() and prctl(): then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec

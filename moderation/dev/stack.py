@@ -20,7 +20,7 @@ from types import FrameType
 from moderation.demo import insert_demo_data
 from moderation.dev.embedded_kafka import CLIENT_TUNING, EmbeddedKafka
 from moderation.dev.embedded_postgres import EmbeddedPostgres
-from moderation.dev.ports import free_port, port_is_free
+from moderation.dev.ports import die_with_parent, free_port, port_is_free
 from moderation.migrate import apply_migrations
 from shared.kafka_admin import ensure_topics
 
@@ -68,8 +68,33 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 3
 
 @dataclass
 class Child:
+    """A process of the stack, and how to start it again."""
+
     name: str
-    process: subprocess.Popen[bytes]
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    restart_at: float | None = None  # set while a restart waits for its backoff
+
+    def launch(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                # Gone with the supervisor, even if it is SIGKILLed: no orphans.
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )  # fmt: skip
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+
+# A child that dies is started again after 1, 2, 4 ... 30 s; one that ran this long is
+# considered recovered, and its next restart waits 1 s again.
+RESTART_BACKOFF_MAX_SECONDS = 30.0
+RECOVERED_AFTER_SECONDS = 60.0
 
 
 def _new_state_dir() -> Path:
@@ -169,11 +194,11 @@ class DevStack:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir()
         child_env = {**self.env(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                command, env=child_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
-            )
-        self.children.append(Child(name, process))
+        child = Child(name, command, child_env, log_path)
+        child.launch()
+        assert child.process is not None
+        process = child.process
+        self.children.append(child)
         if probe_url:
             wait_until_up(probe_url, process)
         elif process.poll() is not None:
@@ -182,7 +207,8 @@ class DevStack:
         self.say(name, f"{where}  (log {log_path})")
 
     def wait(self) -> int:
-        """Block until SIGINT/SIGTERM (returns 0) or until a child dies (returns 1)."""
+        """Block until SIGINT/SIGTERM (returns 0); a child that dies meanwhile is started
+        again, with backoff, as compose's restart policies and Kubernetes would."""
         stop = False
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -192,28 +218,44 @@ class DevStack:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while not stop:
-            for child in self.children:
-                if child.process.poll() is not None:
-                    log_path = self.state_dir / f"{child.name}.log"
-                    print(
-                        f"{child.name} exited with code {child.process.returncode}; see {log_path}",
-                        flush=True,
-                    )
-                    return 1
+            self.supervise()
             time.sleep(0.2)
         return 0
 
+    def supervise(self) -> None:
+        """One look at every child: schedule a restart of the dead, restart the due."""
+        now = time.monotonic()
+        for child in self.children:
+            assert child.process is not None
+            if child.process.poll() is None:
+                continue
+            if child.restart_at is None:
+                if now - child.started_at > RECOVERED_AFTER_SECONDS:
+                    child.restarts = 0
+                delay = min(2.0**child.restarts, RESTART_BACKOFF_MAX_SECONDS)
+                child.restart_at = now + delay
+                self.say(
+                    child.name,
+                    f"exited with code {child.process.returncode}; restarting in {delay:.0f} s"
+                    f" (log {child.log_path})",
+                )
+            elif now >= child.restart_at:
+                child.restarts += 1
+                child.launch()
+                self.say(child.name, f"restarted (restart {child.restarts})")
+
     def stop(self) -> None:
         # SIGTERM, not SIGINT: an aio function stops in well under a second on SIGTERM.
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.terminate()
-        for child in reversed(self.children):
+        processes = [child.process for child in reversed(self.children) if child.process]
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
             try:
-                child.process.wait(timeout=10)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+                process.kill()
+                process.wait()
         self.children.clear()
         if self.kafka is not None:
             self.kafka.close()

@@ -81,3 +81,71 @@ def test_dev_command_on_a_busy_port_says_so_and_fails() -> None:
         )  # fmt: skip
     assert result.returncode == 1
     assert f"port {port} is in use" in result.stdout
+
+
+def _start_dev() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moderation", "dev", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 90, "dev")
+    assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+    return process, base
+
+
+def _child_running(process: subprocess.Popen[bytes], *words: str) -> psutil.Process | None:
+    for child in psutil.Process(process.pid).children():
+        try:
+            if all(word in child.cmdline() for word in words) and child.is_running():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _completes(base: str) -> bool:
+    task = httpx.post(f"{base}/async_predict", params={"item_id": 1}).json()["task_id"]
+    return bool(
+        wait_for(
+            lambda: httpx.get(f"{base}/moderation_result/{task}").json()["status"] == "completed",
+            30,
+            f"task {task}",
+        )
+    )
+
+
+@pytest.mark.parametrize("killed", ["adapter", "relay"])
+def test_dev_command_restarts_a_child_that_dies(killed: str) -> None:
+    process, base = _start_dev()
+    try:
+        victim = _child_running(process, "moderation", killed)
+        assert victim is not None
+        victim.kill()  # SIGKILL: no chance to clean up
+        replacement = wait_for(
+            lambda: (
+                (c := _child_running(process, "moderation", killed)) and c.pid != victim.pid and c
+            ),
+            30,
+            f"{killed} to be started again",
+        )
+        assert replacement
+        assert process.poll() is None  # the rest of the stack is still up
+        assert _completes(base)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0].decode()
+    assert f"{killed}" in output and "restarting in" in output
+
+
+def test_dev_command_killed_leaves_no_function_or_broker_running() -> None:
+    process, _ = _start_dev()
+    children = psutil.Process(process.pid).children()
+    ours = [c for c in children if "postgres" not in " ".join(c.cmdline())]
+    process.kill()  # SIGKILL: the supervisor cannot clean up; Linux tells its children
+    process.wait()
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    assert alive == [], [" ".join(p.cmdline()) for p in alive]
