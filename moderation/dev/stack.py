@@ -116,6 +116,7 @@ class DevStack:
     urls: dict[str, str] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
     kafka: EmbeddedKafka | None = None
+    reaper: subprocess.Popen[bytes] | None = None
 
     def say(self, what: str, detail: str) -> None:
         if not self.quiet:
@@ -128,6 +129,7 @@ class DevStack:
             # A data directory of its own, deleted on stop: the dev database is throwaway.
             self.postgres = EmbeddedPostgres()
             self.database_url = self.postgres.start()
+            self._start_reaper(self.postgres.data_dir)
             self.say("postgres", f"embedded  {self.database_url}")
         else:
             self.say("postgres", "DATABASE_URL")
@@ -166,6 +168,17 @@ class DevStack:
         gateway = moderation_command("gateway", "--host", self.host, "--port", str(self.port))
         self.spawn("gateway", [*gateway, *backends], f"http://{self.host}:{self.port}/health")
         self.urls["gateway"] = f"http://{self.host}:{self.port}"
+
+    def _start_reaper(self, postgres_dir: Path) -> None:
+        """pgserver runs PostgreSQL detached: if this process is SIGKILLed, nothing would stop
+        it. The reaper is told by Linux when this process dies, and stops it then."""
+        with (self.state_dir / "reaper.log").open("ab") as log_file:
+            self.reaper = subprocess.Popen(
+                [sys.executable, "-m", "moderation.dev.reaper",
+                 "--postgres", str(postgres_dir), "--remove", str(postgres_dir)],
+                stdout=log_file, stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )  # fmt: skip
 
     def topics(self) -> dict[str, int]:
         from moderation.relay import project_topics
@@ -263,6 +276,10 @@ class DevStack:
         if self.postgres is not None:
             self.postgres.close()
             self.postgres = None
+        if self.reaper is not None:  # nothing left for it to do
+            self.reaper.kill()
+            self.reaper.wait()
+            self.reaper = None
 
 
 def print_usage(base: str) -> None:

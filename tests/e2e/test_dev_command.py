@@ -141,11 +141,24 @@ def test_dev_command_restarts_a_child_that_dies(killed: str) -> None:
     assert f"{killed}" in output and "restarting in" in output
 
 
-def test_dev_command_killed_leaves_no_function_or_broker_running() -> None:
+def _postgres_of(data_dir: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "postgres" in cmdline and data_dir in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_dev_command_killed_leaves_nothing_running() -> None:
     process, _ = _start_dev()
     children = psutil.Process(process.pid).children()
-    ours = [c for c in children if "postgres" not in " ".join(c.cmdline())]
+    reaper = next(c for c in children if "moderation.dev.reaper" in c.cmdline())
+    data_dir = reaper.cmdline()[reaper.cmdline().index("--postgres") + 1]
+    assert _postgres_of(data_dir)
     process.kill()  # SIGKILL: the supervisor cannot clean up; Linux tells its children
     process.wait()
-    _, alive = psutil.wait_procs(ours, timeout=20)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], [" ".join(p.cmdline()) for p in alive]
+    wait_for(lambda: not _postgres_of(data_dir), 30, "the embedded PostgreSQL to stop")
+    assert not os.path.exists(data_dir)
