@@ -191,7 +191,13 @@ def test_image_holds_the_runtime_set_only_and_runs_as_non_root() -> None:
 )
 def test_image_with_bad_configuration_exits_with_one_line(env: list[str], named: str) -> None:
     flags = [arg for pair in env for arg in ("-e", pair)]
-    result = podman("run", "--rm", "-e", "FUNCTION_TARGET=predict", *flags, APP_IMAGE)
+    name = f"smoke-config-{uuid.uuid4().hex[:8]}"
+    try:  # named, so that a container that does not exit is removed all the same
+        result = podman(
+            "run", "--rm", "--name", name, "-e", "FUNCTION_TARGET=predict", *flags, APP_IMAGE
+        )
+    finally:
+        podman("rm", "--force", name)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and named in lines[0], result.stderr
