@@ -347,6 +347,14 @@ def dev_command(port: int, host: str) -> None:
     Embedded PostgreSQL and broker unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS are set.
     """
     settings = get_settings()
+    # A terminal: readable lines, and only what needs attention (each process of the stack
+    # logs to its own file), unless LOG_FORMAT / LOG_LEVEL say otherwise.
+    terminal = {"log_format": "text", "log_level": "WARNING"}
+    logs.configure(
+        settings.model_copy(
+            update={k: v for k, v in terminal.items() if k not in settings.model_fields_set}
+        )
+    )
     missing = [
         package
         for package, needed in (
