@@ -27,17 +27,8 @@ def _answers(url: str) -> bool:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.Signals) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moderation", "dev", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    process, base = _start_dev()
     try:
-        wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 90, "dev")
-        assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 9  # postgres, broker, 4 functions, adapter, relay, recorder, …
 
@@ -92,8 +83,13 @@ def _start_dev() -> tuple[subprocess.Popen[bytes], str]:
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 90, "dev")
-    assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 90, "dev")
+        assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     return process, base
 
 
