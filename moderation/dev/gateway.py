@@ -46,14 +46,17 @@ def create_gateway(
         if function is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        # The path and query as the client sent them, still percent-encoded: decoded, a path
+        # may hold characters that are no part of a URL (control bytes, spaces).
+        target = backends[function] + request.scope["raw_path"].decode("latin-1")
+        if query := request.scope["query_string"]:
+            target += "?" + query.decode("latin-1")
         try:
             upstream = await client.request(
-                request.method,
-                backends[function] + path,
-                params=request.query_params,
-                headers=headers,
-                content=await request.body(),
+                request.method, target, headers=headers, content=await request.body()
             )
+        except httpx.InvalidURL:
+            return JSONResponse({"detail": "Invalid request path"}, status_code=400)
         except httpx.HTTPError:
             return JSONResponse({"detail": f"{function} is not available"}, status_code=502)
         response_headers = {
