@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ import httpx
 from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
 from shared import metrics
+from shared.config import get_settings
 from shared.kafka_admin import producer_config
 from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
 
@@ -82,13 +83,18 @@ def cloudevent_request(message: Any, source: str) -> tuple[dict[str, str], bytes
 
 
 def due_time(message: Any) -> datetime | None:
+    """When a retry record may be pushed: its `dueat`, but never later than the longest
+    backoff from now (RETRY_BACKOFF_MAX_SECONDS), so a wrong or hostile due time cannot
+    hold its partition."""
     for name, value in message.headers() or []:
         if name == f"ce_{DUE_AT}":
             try:
                 due = datetime.fromisoformat(_header_text(value))
             except ValueError:
                 return None
-            return due if due.tzinfo else due.replace(tzinfo=UTC)  # naive means UTC
+            due = due if due.tzinfo else due.replace(tzinfo=UTC)  # naive means UTC
+            latest = datetime.now(UTC) + timedelta(seconds=get_settings().retry_backoff_max_seconds)
+            return min(due, latest)
     return None
 
 

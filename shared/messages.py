@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ SOURCE_RETRY = "/ad-moderation/moderation_consumer/retry"
 KAFKASOURCE_EVENT_TYPE = "dev.knative.kafka.event"
 DUE_AT = "dueat"  # CloudEvents extension on retry records: when the retry may run
 REQUEST_ID = "requestid"  # CloudEvents extension: the request id of the accepting request
+# The payload a dead letter keeps whole: with base64 (4/3) and the letter's other fields it
+# stays well under Kafka's default record limit of 1 MB (message.max.bytes).
+DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
 
 
 def now() -> datetime:
@@ -159,15 +163,23 @@ def dead_letter_record(
     task_id: int | None,
     item_id: int | None,
 ) -> Record:
-    """Seed DLQ format plus origin and the raw payload, so nothing unparsable is ever lost."""
+    """Seed DLQ format plus origin and the raw payload, so nothing unparsable is ever lost.
+
+    A payload too large to fit a dead letter under the broker's record size limit (a record
+    near the limit grows when it is base64-encoded and parsed beside itself) is kept as its
+    first bytes, its size and its SHA-256, so that the letter is never refused, and the
+    partition behind it never stalls.
+    """
+    truncated = len(raw) > DEAD_LETTER_PAYLOAD_BYTES
     try:
-        original: Any = orjson.loads(raw)
+        original: Any = None if truncated else orjson.loads(raw)
     except orjson.JSONDecodeError:
         original = None
+    kept = raw[:DEAD_LETTER_PAYLOAD_BYTES]
     try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
+        text, encoding = kept.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+        text, encoding = base64.b64encode(kept).decode("ascii"), "base64"
     value = {
         "original_message": original,
         "error": error,
@@ -183,5 +195,11 @@ def dead_letter_record(
         "raw_payload_encoding": encoding,
         "request_id": logs.request_id.get(),
     }
+    if truncated:
+        value |= {
+            "raw_payload_truncated": True,
+            "raw_payload_size": len(raw),
+            "raw_payload_sha256": hashlib.sha256(raw).hexdigest(),
+        }
     key = str(item_id) if item_id is not None else (str(task_id) if task_id else "")
     return Record(topic, key, orjson.dumps(value), {"content-type": "application/json"})

@@ -320,3 +320,18 @@ def test_consumer_rejects_what_is_not_a_cloudevent_with_400(make_client) -> None
     response = make_client("moderation_consumer").post("/", content=b"plain bytes")
     assert response.status_code == 400  # a sink's "never deliver this again"
     assert "not a CloudEvent" in response.json()["detail"]
+
+
+def test_consumer_dead_letters_a_record_near_the_size_limit_truncated_with_its_hash(
+    post, kafka_topics: Topics
+) -> None:
+    import hashlib
+
+    raw = b"\xfe" + b"not json " * 111_000  # ~1 MB: base64 in a letter would be ~1.3 MB
+    assert post(kafkasource_event(raw)) == 200
+    (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    value = orjson.loads(letter.value())
+    assert len(letter.value()) < 1_000_000
+    assert value["raw_payload_truncated"] is True
+    assert value["raw_payload_size"] == len(raw)
+    assert value["raw_payload_sha256"] == hashlib.sha256(raw).hexdigest()

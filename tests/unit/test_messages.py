@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -94,6 +95,26 @@ def test_dead_letter_keeps_undecodable_payload_as_base64() -> None:
     assert set(value) >= {"original_message", "error", "timestamp", "retry_count"}
 
 
+@pytest.mark.parametrize("raw", [b"x" * 1_000_000, b"\xff" * 990_000])
+def test_dead_letter_of_a_payload_near_the_record_limit_is_truncated_with_hash_and_size(
+    raw: bytes,
+) -> None:
+    letter = dead_letter_record(
+        "dlq", raw=raw, error="bad", error_class="permanent", retry_count=0,
+        origin=Origin("moderation", 0, 1), task_id=None, item_id=None,
+    )  # fmt: skip
+    assert len(letter.value) < 1_000_000  # fits Kafka's default record limit
+    value = orjson.loads(letter.value)
+    assert value["raw_payload_truncated"] is True
+    assert value["raw_payload_size"] == len(raw)
+    assert value["raw_payload_sha256"] == hashlib.sha256(raw).hexdigest()
+    kept = value["raw_payload"]
+    kept_bytes = (
+        base64.b64decode(kept) if value["raw_payload_encoding"] == "base64" else kept.encode()
+    )
+    assert raw.startswith(kept_bytes) and kept_bytes
+
+
 def test_origin_of_reads_kafkasource_ids_and_sources() -> None:
     origin = origin_of(
         {"id": "partition:3/offset:99", "source": "/apis/v1/namespaces/x/kafkasources/k#topic-a"}
@@ -137,5 +158,10 @@ def test_adapter_passes_on_a_records_own_cloudevent_headers() -> None:
     assert headers["ce-id"] == "12"
     assert headers["ce-type"] == "t"
     assert headers["content-type"] == "application/json"
-    assert due_time(record) == datetime(2030, 1, 1, tzinfo=UTC)
     assert due_time(FakeRecord(b"{}")) is None
+    # A due time years away is held to the longest backoff from now (30 s by default).
+    due = due_time(record)
+    assert due is not None
+    assert 0 < (due - datetime.now(UTC)).total_seconds() <= 30
+    soon = datetime.now(UTC) + timedelta(seconds=5)
+    assert due_time(FakeRecord(b"{}", [("ce_dueat", soon.isoformat().encode())])) == soon
