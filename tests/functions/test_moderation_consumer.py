@@ -15,6 +15,8 @@ import psycopg
 import pytest
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from moderation.dead_letters import record_failure
@@ -335,3 +337,17 @@ def test_consumer_dead_letters_a_record_near_the_size_limit_truncated_with_its_h
     assert value["raw_payload_truncated"] is True
     assert value["raw_payload_size"] == len(raw)
     assert value["raw_payload_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    value=st.binary(max_size=200)
+    | st.dictionaries(
+        st.sampled_from(["item_id", "task_id", "retry_count", "timestamp", "other"]),
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=20),
+    ).map(orjson.dumps)
+)
+def test_consumer_any_record_is_done_with_never_a_5xx(post, value: bytes) -> None:
+    """Whatever a record holds, the consumer completes it or dead-letters it (2xx), so the
+    records behind it are processed; a 5xx here would redeliver it forever."""
+    assert post(kafkasource_event(value)) == 200
