@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -139,8 +140,11 @@ def raw_bytes(data: Any) -> bytes:
     if isinstance(data, bytes | bytearray | memoryview):
         return bytes(data)
     if isinstance(data, str):
-        return data.encode()
-    return orjson.dumps(data)
+        return data.encode(errors="surrogatepass")
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # what orjson refuses (an int over 64 bits): the stdlib writes it
+        return json.dumps(data).encode()
 
 
 def parse_message(raw: bytes) -> Message:

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
 from functions_framework import create_app
+from hypothesis import settings
 from starlette.testclient import TestClient
 
 from moderation.dev.embedded_kafka import CLIENT_TUNING, EmbeddedKafka
@@ -26,6 +27,12 @@ if not os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
     # Every Kafka client of the tests, and of the processes they start, talks to an embedded
     # broker: give them its tuning, as `moderation dev` gives it to its children.
     os.environ.update(CLIENT_TUNING)
+
+# Property-based tests draw the same examples on every run: CI stays reproducible, and a
+# failure shows the same input again. (HYPOTHESIS_PROFILE=explore draws new ones.)
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO_ROOT / "functions"
