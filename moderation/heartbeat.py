@@ -1,28 +1,16 @@
-"""Liveness of the workers that are not functions: their loops beat at least once a second;
-the ops server's /health reads the age of the last beat, and HEARTBEAT_FILE (when set) is
-touched for health checks that read a file."""
+"""Liveness of the workers that are not functions: their loops beat at least once a second,
+and the ops server's /health reads the age of the last beat."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
-from shared.config import get_settings
-
-_last = 0.0
 _last_beat: float | None = None
 
 
 def beat() -> None:
-    global _last, _last_beat
-    now = time.monotonic()
-    _last_beat = now
-    path = get_settings().heartbeat_file
-    if path is None or now - _last < 1.0:
-        return
-    _last = now
-    with contextlib.suppress(OSError):  # a read-only folder: the health check will say so
-        path.touch()
+    global _last_beat
+    _last_beat = time.monotonic()
 
 
 def age() -> float | None:

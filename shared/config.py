@@ -115,8 +115,6 @@ class Settings(BaseSettings):
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     # The adapter, relay and dead-letter recorder serve /health, /ready and /metrics here.
     ops_port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    # Workers without HTTP (adapter, relay, dead-letter recorder) touch this file while alive.
-    heartbeat_file: Path | None = None
 
     model_path: Path = DEFAULT_MODEL_PATH
     max_batch_size: Annotated[int, Field(ge=1)] = 1000

@@ -29,7 +29,7 @@ from shared.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from shared.routes import routes_of, strip_prefix
+from shared.routes import path_pattern, routes_of, strip_prefix
 from shared.schemas import BatchRequest, ItemIdRequest
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class Endpoint:
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.path))
-        object.__setattr__(self, "pattern", re.compile(f"{regex}/?"))
+        object.__setattr__(self, "pattern", path_pattern(self.path))
 
 
 class Router:

@@ -28,7 +28,6 @@ item_id: ContextVar[int | None] = ContextVar("item_id", default=None)
 _CONTEXT = (("request_id", request_id), ("task_id", task_id), ("item_id", item_id))
 
 log = logging.getLogger("moderation")
-access_log = logging.getLogger("moderation.access")
 kafka_log = logging.getLogger("librdkafka")
 
 # A request id we accept from a client: printable ASCII without spaces, at most 128 characters.
@@ -203,7 +202,6 @@ def configure(settings: Settings) -> None:
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StdoutHandler)]
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    access_log.disabled = not settings.access_log
     access.enabled = settings.access_log
     access.json = settings.log_format == "json"
     if not any(isinstance(f, OncePerProblem) for f in kafka_log.filters):

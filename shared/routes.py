@@ -31,6 +31,12 @@ HTTP_FUNCTIONS = ("predict", "async_predict", "get_result")
 OPERATIONAL_PATHS = ("/health", "/ready", "/metrics")
 
 
+def path_pattern(path: str) -> re.Pattern[str]:
+    """A route path as a regex: each {name} segment is a named group; a trailing / is allowed."""
+    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
+    return re.compile(f"{regex}/?")
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -50,8 +56,7 @@ class Route:
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.path))
-        object.__setattr__(self, "pattern", re.compile(f"{regex}/?"))
+        object.__setattr__(self, "pattern", path_pattern(self.path))
 
 
 ROUTES: tuple[Route, ...] = (

@@ -45,7 +45,7 @@ def moderation_command(*args: str) -> list[str]:
 
 
 def answers_http(url: str) -> bool:
-    """True once anything answers HTTP at url (a CloudEvent function answers GET with 405)."""
+    """True once url answers below 500 (a /health that is not 2xx yet says 503)."""
     try:  # url is one of the dev stack's own http:// addresses
         with urllib.request.urlopen(url, timeout=1.0):  # nosec B310
             return True
