@@ -29,6 +29,7 @@ _CONTEXT = (("request_id", request_id), ("task_id", task_id), ("item_id", item_i
 
 log = logging.getLogger("moderation")
 kafka_log = logging.getLogger("librdkafka")
+REPEATING_LOGGERS = ("librdkafka", "psycopg.pool", "shared.db")
 
 # A request id we accept from a client: printable ASCII without spaces, at most 128 characters.
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")
@@ -204,8 +205,12 @@ def configure(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     access.enabled = settings.access_log
     access.json = settings.log_format == "json"
-    if not any(isinstance(f, OncePerProblem) for f in kafka_log.filters):
-        kafka_log.addFilter(OncePerProblem())
+    # Loggers that repeat one problem many times a second while a server is down: librdkafka,
+    # the pool's reconnect attempts, and each request that finds no connection.
+    for name in REPEATING_LOGGERS:
+        repeating = logging.getLogger(name)
+        if not any(isinstance(f, OncePerProblem) for f in repeating.filters):
+            repeating.addFilter(OncePerProblem())
 
 
 def startup(settings: Settings, role: str, **details: Any) -> None:
