@@ -12,6 +12,7 @@ never stalls fresh work.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,15 +49,27 @@ def _header_text(value: bytes | str | None) -> str:
     return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
 
 
+# CloudEvents attribute names: lower-case ASCII letters and digits (the spec advises at most
+# 20 characters; a longer one is still accepted).
+ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,64}")
+# What the headers of one push may hold in all: well under the request-header limits of
+# HTTP servers and proxies (8 KiB in nginx per line, 16 KiB in uvicorn), so a record with
+# huge headers is dead-lettered here instead of failing at the sink on every attempt.
+MAX_HEADER_BYTES = 8 * 1024
+
+
 def cloudevent_request(message: Any, source: str) -> tuple[dict[str, str], bytes]:
     """HTTP headers and body for one record: its own ce_ headers if it carries a CloudEvent,
-    otherwise wrapped the way KafkaSource wraps a plain record."""
+    otherwise wrapped the way KafkaSource wraps a plain record. Raises ValueError for a record
+    that cannot be pushed as a CloudEvent (a bad attribute name, headers too large)."""
     kafka_headers = {name: _header_text(value) for name, value in (message.headers() or [])}
     topic, partition, offset = message.topic(), message.partition(), message.offset()
     headers: dict[str, str] = {}
     if "ce_specversion" in kafka_headers:
         for name, value in kafka_headers.items():
             if name.startswith("ce_"):
+                if not ATTRIBUTE_NAME.fullmatch(name[3:]):
+                    raise ValueError(f"invalid CloudEvent attribute name {name[3:]!r:.80}")
                 headers[f"ce-{name[3:]}"] = value
     else:
         _, timestamp_ms = message.timestamp()
@@ -79,20 +92,23 @@ def cloudevent_request(message: Any, source: str) -> tuple[dict[str, str], bytes
     headers["ce-kafkaoffset"] = str(offset)
     if "content-type" in kafka_headers:
         headers["content-type"] = kafka_headers["content-type"]
+    size = sum(len(name) + len(value) + 4 for name, value in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"its headers take {size} bytes, over {MAX_HEADER_BYTES}")
     return headers, message.value() or b""
 
 
 def due_time(message: Any) -> datetime | None:
     """When a retry record may be pushed: its `dueat`, but never later than the longest
     backoff from now (RETRY_BACKOFF_MAX_SECONDS), so a wrong or hostile due time cannot
-    hold its partition."""
+    hold its partition. None (at once) if it has none, or none that reads as a time."""
     for name, value in message.headers() or []:
         if name == f"ce_{DUE_AT}":
             try:
                 due = datetime.fromisoformat(_header_text(value))
-            except ValueError:
+                due = due if due.tzinfo else due.replace(tzinfo=UTC)  # naive means UTC
+            except (ValueError, OverflowError):
                 return None
-            due = due if due.tzinfo else due.replace(tzinfo=UTC)  # naive means UTC
             latest = datetime.now(UTC) + timedelta(seconds=get_settings().retry_backoff_max_seconds)
             return min(due, latest)
     return None
@@ -114,11 +130,19 @@ class TopicPusher(ConsumerLoop):
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
     request_timeout: float = 20.0
+    # A sink that answers 500 for one record this many times in a row fails on the record itself
+    # (a 502/503/504 or no answer means the sink is away: those are retried without end).
+    # Like KafkaSource's delivery.retry, the record then goes to the dead-letter topic.
+    max_server_errors: int = 10
     delivered: int = 0
     _producer: Any = field(default=None, init=False, repr=False)
+    # The next offset to commit of each owned partition: what was delivered or dead-lettered.
+    _done: dict[tuple[str, int], int] = field(default_factory=dict, init=False, repr=False)
+    _server_errors: int = field(default=0, init=False, repr=False)  # of the record being pushed
 
     def consume(self, consumer: Any) -> None:
         lag_measured = 0.0
+        self._done.clear()
         with httpx.Client(timeout=self.request_timeout) as client:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
@@ -132,6 +156,28 @@ class TopicPusher(ConsumerLoop):
                     log.warning("%s: consumer error: %s", self.topic, message.error())
                     continue
                 self._handle(consumer, client, message)
+        self._commit_done(consumer)
+
+    def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        for partition in partitions:
+            self._done.pop((partition.topic, partition.partition), None)
+
+    def _commit_done(self, consumer: Any) -> None:
+        """On stop: wait until every record delivered so far is committed, so the next owner
+        of these partitions does not push them again (commits on the way are asynchronous)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not self._done:
+            return
+        offsets = [
+            TopicPartition(topic, part, offset) for (topic, part), offset in self._done.items()
+        ]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+            log.info("%s: stopped; committed %s", self.topic,
+                     ", ".join(f"[{p.partition}]@{p.offset}" for p in offsets))  # fmt: skip
+        except KafkaException as error:  # the broker is gone: these are delivered again
+            log.warning("%s: stopped; final commit failed: %s", self.topic, error)
 
     def _measure_lag(self, consumer: Any) -> None:
         """Records between each owned partition's position and its end, summed per topic over
@@ -154,8 +200,9 @@ class TopicPusher(ConsumerLoop):
         metrics.ADAPTER_LAG.labels(self.topic).set(total)
 
     def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
+        self._server_errors = 0
         request = self._request(message)
-        due = due_time(message) if self.honour_due_time else None
+        due = due_time(message) if self.honour_due_time and not isinstance(request, str) else None
         tried = due is None or datetime.now(UTC) >= due
         if tried and self._try_once(client, message, request):
             # The fast path: nothing paused, so what was fetched behind this record stays.
@@ -193,6 +240,10 @@ class TopicPusher(ConsumerLoop):
         """One attempt; True once the record is done with (delivered, or dead-lettered)."""
         if isinstance(request, str):
             return self._dead_letter(message, request)
+        if self._server_errors >= self.max_server_errors:
+            return self._dead_letter(
+                message, f"the sink failed on the record {self._server_errors} times: HTTP 500"
+            )
         headers, body = request
         metrics.ADAPTER_IN_FLIGHT.inc()
         try:
@@ -204,6 +255,7 @@ class TopicPusher(ConsumerLoop):
         finally:
             metrics.ADAPTER_IN_FLIGHT.dec()
         code = response.status_code
+        self._server_errors = self._server_errors + 1 if code == 500 else 0
         if 200 <= code < 300:
             metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc()
             return True
@@ -253,6 +305,7 @@ class TopicPusher(ConsumerLoop):
 
     def _commit(self, consumer: Any, message: Any) -> None:
         consumer.commit(message=message, asynchronous=True)
+        self._done[(message.topic(), message.partition())] = message.offset() + 1
         self.delivered += 1
 
     def _idle_poll(self, consumer: Any, seconds: float) -> None:

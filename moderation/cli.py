@@ -285,10 +285,15 @@ def relay(interval: float, once: bool) -> None:
         return
     logs.startup(get_settings(), "relay", interval=interval, ops_port=get_settings().ops_port)
     serve_ops("relay", broker=broker_answers(bootstrap), database=database_answers(database_url))
-    # SIGTERM stops it the way Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(outbox_relay.run(interval=interval))
+
+    async def relay_until_stopped() -> None:
+        # SIGTERM or Ctrl-C: finish the pass under way, then stop (no half-published batch).
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await outbox_relay.run(interval=interval, stop=stop)
+
+    asyncio.run(relay_until_stopped())
 
 
 @main.command()

@@ -45,8 +45,11 @@ class ConsumerLoop:
         consumer = Consumer(
             consumer_config(self.bootstrap_servers, self.group_id, **self.extra_config)
         )
-        consumer.subscribe([self.topic])
+        consumer.subscribe([self.topic], on_revoke=self.on_revoke)
         return consumer
+
+    def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions handed to another member of the group (called from within poll)."""
 
     def consume(self, consumer: Any) -> None:
         """Poll and handle records until self._stop is set; commit only what was handled."""

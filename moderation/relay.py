@@ -7,6 +7,7 @@ project's topics now and then, because a memory-only broker forgets them when it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -19,6 +20,8 @@ from shared.kafka_admin import KafkaSetupError, ensure_topics
 log = logging.getLogger(__name__)
 
 TOPICS_CHECK_INTERVAL = 5.0
+# Short, so a stop asked for while the broker is down is not held up by the check.
+TOPICS_CHECK_TIMEOUT = 3.0
 STALE_CHECK_INTERVAL = 10.0
 PRUNE_INTERVAL = 600.0
 MEASURE_INTERVAL = 5.0
@@ -34,11 +37,11 @@ def project_topics() -> dict[str, int]:
     }
 
 
-def ensure_project_topics() -> list[str]:
+def ensure_project_topics(timeout: float = 10.0) -> list[str]:
     bootstrap = get_settings().kafka_bootstrap_servers
     if bootstrap is None:
         raise KafkaSetupError("KAFKA_BOOTSTRAP_SERVERS is not set")
-    return list(ensure_topics(bootstrap, project_topics()))
+    return list(ensure_topics(bootstrap, project_topics(), timeout=timeout))
 
 
 async def one_pass() -> dict[str, int]:
@@ -49,12 +52,16 @@ async def one_pass() -> dict[str, int]:
     return {"published": published, "requeued": requeued, "pruned": await tasks.prune_outbox()}
 
 
-async def run(interval: float = 1.0, once: bool = False) -> int:
-    """Relay until cancelled (or one pass with once=True); returns rows published."""
+async def run(interval: float = 1.0, once: bool = False, stop: asyncio.Event | None = None) -> int:
+    """Relay until `stop` is set (or one pass with once=True); returns rows published.
+
+    A stop lets the pass under way finish: a batch that was sent is marked published, so
+    nothing is published twice because the relay was stopped."""
+    stop = stop or asyncio.Event()
     total = 0
     topics_checked = stale_checked = pruned_at = measured_at = 0.0
     try:
-        while True:
+        while not stop.is_set():
             heartbeat.beat()
             if time.monotonic() - measured_at > MEASURE_INTERVAL:
                 try:
@@ -77,7 +84,7 @@ async def run(interval: float = 1.0, once: bool = False) -> int:
                     log.warning("relay: stale tasks not checked: %r", error)
             if time.monotonic() - topics_checked > TOPICS_CHECK_INTERVAL:
                 try:
-                    created = await asyncio.to_thread(ensure_project_topics)
+                    created = await asyncio.to_thread(ensure_project_topics, TOPICS_CHECK_TIMEOUT)
                     if created:
                         log.info("relay: created topics %s", ", ".join(created))
                     topics_checked = time.monotonic()
@@ -95,6 +102,9 @@ async def run(interval: float = 1.0, once: bool = False) -> int:
                 log.exception("relay: pass failed")
             if once:
                 return total
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        log.info("relay: stopped, %d rows published", total)
+        return total
     finally:
         await db.close()

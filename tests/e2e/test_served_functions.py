@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,11 @@ from tests.conftest import REPO_ROOT, insert_ad
 from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.integration
+
+AD = {
+    "seller_id": 1, "is_verified_seller": False, "item_id": 1, "name": "Phone",
+    "description": "Test Description", "category": 1, "images_qty": 0,
+}  # fmt: skip
 
 
 def _health(base: str) -> bool:
@@ -92,6 +99,31 @@ def test_served_predict_stops_on_sigterm(served_predict) -> None:
     _, process = served_predict
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) is not None
+
+
+def test_served_predict_answers_a_request_in_flight_at_sigterm(served_predict) -> None:
+    """A request whose body is still arriving when SIGTERM lands is answered, then it stops."""
+    base, process = served_predict
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps(AD).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.3)  # the worker has the request line and headers: it is in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None, "stopped with a request in flight"
+        connection.sendall(body[10:])
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", answer
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["is_violation"] is True
+    assert process.wait(timeout=15) == 0
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,13 @@ pytestmark = pytest.mark.integration
 
 
 class Sink:
-    """An HTTP sink that fails the first `failures` requests with 503 and rejects a body equal
-    to `reject` with 400; it records what it accepts."""
+    """An HTTP sink that fails the first `failures` requests with 503, rejects a body equal
+    to `reject` with 400 and fails on a body equal to `crash` with 500; it records what it
+    accepts."""
 
-    def __init__(self, failures: int = 0, reject: bytes | None = None) -> None:
+    def __init__(
+        self, failures: int = 0, reject: bytes | None = None, crash: bytes | None = None
+    ) -> None:
         self.failures = failures
         self.received: list[tuple[float, dict[str, str], bytes]] = []
         self.attempts = 0
@@ -38,6 +41,8 @@ class Sink:
                     self.send_response(503)
                 elif body == reject:
                     self.send_response(400)
+                elif body == crash:
+                    self.send_response(500)
                 else:
                     sink.received.append((time.monotonic(), dict(self.headers), body))
                     self.send_response(200)
@@ -59,7 +64,7 @@ def run_pusher() -> Iterator:
     started: list[tuple[TopicPusher, threading.Thread]] = []
 
     def run(pusher: TopicPusher) -> TopicPusher:
-        thread = threading.Thread(target=pusher.run, daemon=True)
+        thread = threading.Thread(target=pusher.run, name="pusher", daemon=True)
         thread.start()
         started.append((pusher, thread))
         return pusher
@@ -191,3 +196,86 @@ def test_adapter_delivers_records_with_binary_and_non_latin_keys(
         ]
     finally:
         sink.close()
+
+
+def test_adapter_dead_letters_a_record_the_sink_keeps_failing_on_and_goes_on(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    sink = Sink(crash=b"crash")
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
+                        f"g-{kafka_topics.moderation}", sink_url=sink.url,
+                        dead_letter_topic=kafka_topics.dlq, backoff_initial=0.01,
+                        backoff_max=0.05, max_server_errors=4)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b"crash", b"fine"])
+        wait_for(lambda: sink.received, 30, "the record behind the one the sink fails on")
+        assert [body for _, _, body in sink.received] == [b"fine"]
+        assert sink.attempts == 5  # four 500s, then the next record
+        (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+        value = orjson.loads(letter.value())
+        assert value["raw_payload"] == "crash"
+        assert value["error"] == "the sink failed on the record 4 times: HTTP 500"
+    finally:
+        sink.close()
+
+
+def test_adapter_dead_letters_a_record_with_a_bad_cloudevent_header_and_goes_on(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    sink = Sink()
+    try:
+        run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation,
+                        f"g-{kafka_topics.moderation}", sink_url=sink.url,
+                        dead_letter_topic=kafka_topics.dlq)
+        )  # fmt: skip
+        producer = Producer(producer_config(kafka_topics.bootstrap_servers))
+        for headers in (
+            [("ce_specversion", b"1.0"), ("ce_Bad Name\n", b"x")],
+            [("ce_specversion", b"1.0"), ("ce_id", b"x" * 20_000)],
+        ):
+            producer.produce(kafka_topics.moderation, value=b"bad", key=b"k", headers=headers)
+        producer.produce(kafka_topics.moderation, value=b"fine", key=b"k")
+        assert producer.flush(10) == 0
+        wait_for(lambda: sink.received, 30, "the record behind the bad ones")
+        assert [body for _, _, body in sink.received] == [b"fine"]
+        letters = [orjson.loads(r.value()) for r in kafka_topics.read(kafka_topics.dlq, expect=2)]
+        assert [letter["origin_offset"] for letter in letters] == [0, 1]
+        assert "invalid CloudEvent attribute name" in letters[0]["error"]
+        assert "over 8192" in letters[1]["error"]
+    finally:
+        sink.close()
+
+
+def test_adapter_stopped_right_after_a_delivery_has_committed_it(
+    kafka_topics: Topics, run_pusher
+) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from shared.kafka_admin import consumer_config
+
+    group = f"g-{kafka_topics.moderation}"
+    sink = Sink()
+    try:
+        pusher = run_pusher(
+            TopicPusher(kafka_topics.bootstrap_servers, kafka_topics.moderation, group,
+                        sink_url=sink.url)
+        )  # fmt: skip
+        produce(kafka_topics, kafka_topics.moderation, [b"%d" % n for n in range(30)])
+        wait_for(lambda: len(sink.received) == 30, 30, "thirty deliveries")
+        pusher.stop()  # at once: the last commits are still on their way
+        wait_for(lambda: not any(t.is_alive() for t in threading.enumerate()
+                                 if t.name.startswith("pusher")), 10, "the pusher to stop")  # fmt: skip
+    finally:
+        sink.close()
+    partition = int(sink.received[-1][1]["ce-kafkapartition"])
+    consumer = Consumer(consumer_config(kafka_topics.bootstrap_servers, group))
+    try:
+        (committed,) = consumer.committed(
+            [TopicPartition(kafka_topics.moderation, partition)], timeout=10
+        )
+    finally:
+        consumer.close()
+    assert committed.offset == 30

@@ -1,0 +1,117 @@
+"""Whatever a Kafka record holds, the adapter makes an HTTP request of it that any HTTP client
+and server accept, or says why it cannot (and the record is dead-lettered); never an exception
+that would stop its partition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moderation.adapter import MAX_HEADER_BYTES, cloudevent_request, due_time
+
+
+@dataclass
+class Record:
+    """What the adapter reads of a confluent_kafka.Message."""
+
+    value_: bytes | None
+    key_: bytes | None
+    headers_: list[tuple[str, bytes | None]] | None
+    offset_: int = 7
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def headers(self) -> list[tuple[str, bytes | None]] | None:
+        return self.headers_
+
+    def topic(self) -> str:
+        return "moderation"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+header_names = st.one_of(
+    st.sampled_from(["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_dueat",
+                     "content-type", "traceparent"]),
+    st.text(max_size=30).map(lambda name: f"ce_{name}"),
+    st.text(max_size=30),
+)  # fmt: skip
+header_values = st.one_of(
+    st.none(),
+    st.binary(max_size=200),
+    st.text(max_size=200).map(lambda text: text.encode("utf-8", "surrogatepass")),
+    st.binary(min_size=9000, max_size=9000),
+)
+records = st.builds(
+    Record,
+    st.one_of(st.none(), st.binary(max_size=500)),
+    st.one_of(st.none(), st.binary(max_size=50)),
+    st.one_of(st.none(), st.lists(st.tuples(header_names, header_values), max_size=8)),
+)
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= c <= "~" for c in text)
+
+
+@given(records)
+def test_any_record_gives_a_valid_http_request_or_a_reason(record: Record) -> None:
+    try:
+        headers, body = cloudevent_request(record, "/test")
+    except ValueError as reason:
+        assert str(reason)
+        return
+    request = httpx.Request("POST", "http://sink/", headers=headers, content=body)
+    assert request.content == (record.value() or b"")
+    assert all(_printable(name) and _printable(value) for name, value in headers.items())
+    assert sum(len(name) + len(value) for name, value in headers.items()) <= MAX_HEADER_BYTES
+    assert headers["ce-kafkaoffset"] == "7"
+    if not any(name == "ce_specversion" for name, _ in record.headers() or []):
+        assert headers["ce-type"] == "dev.knative.kafka.event"  # wrapped like KafkaSource
+
+
+@given(records)
+def test_any_record_has_a_due_time_or_none(record: Record) -> None:
+    due = due_time(record)
+    assert due is None or due.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([("ce_specversion", b"1.0"), ("ce_Bad Name", b"x")], "invalid CloudEvent attribute"),
+        ([("ce_specversion", b"1.0"), ("ce_\u00e9", b"x")], "invalid CloudEvent attribute"),
+        ([("ce_specversion", b"1.0"), ("ce_big", b"x" * 9000)], "over 8192"),
+        ([("content-type", b"x" * 9000)], "over 8192"),
+    ],
+)
+def test_a_record_that_cannot_be_a_cloudevent_says_why(headers: list, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        cloudevent_request(Record(b"{}", None, headers), "/test")
+
+
+@pytest.mark.parametrize(
+    "value", [b"not a time", b"\xff\xfe", b"9999-12-31T23:59:59-23:59", b"", None]
+)
+def test_a_due_time_that_is_not_a_time_means_at_once_or_is_bounded(value: Any) -> None:
+    due = due_time(Record(b"{}", None, [("ce_dueat", value)]))
+    if due is not None:  # a far future is cut to the longest backoff
+        from datetime import UTC, datetime, timedelta
+
+        assert due <= datetime.now(UTC) + timedelta(seconds=61)
