@@ -266,8 +266,8 @@ def test_adapter_stopped_right_after_a_delivery_has_committed_it(
         produce(kafka_topics, kafka_topics.moderation, [b"%d" % n for n in range(30)])
         wait_for(lambda: len(sink.received) == 30, 30, "thirty deliveries")
         pusher.stop()  # at once: the last commits are still on their way
-        wait_for(lambda: not any(t.is_alive() for t in threading.enumerate()
-                                 if t.name.startswith("pusher")), 10, "the pusher to stop")  # fmt: skip
+        pushers = [t for t in threading.enumerate() if t.name == "pusher"]
+        wait_for(lambda: not any(t.is_alive() for t in pushers), 10, "the pusher to stop")
     finally:
         sink.close()
     partition = int(sink.received[-1][1]["ce-kafkapartition"])
