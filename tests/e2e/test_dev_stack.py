@@ -4,6 +4,7 @@ gateway, real PostgreSQL and a real broker. Every call goes through the one base
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import insert_ad
 from tests.e2e.stack import Driver, running_stack
@@ -215,3 +218,64 @@ def test_200_tasks_all_finish_none_lost_none_duplicated(driver: Driver) -> None:
         ([ad["item_id"] for ad in ads],),
     )[0]
     assert count == 200
+
+
+def produce_all(driver: Driver, records: list[tuple[bytes, list]], key: bytes) -> list[tuple]:
+    """Produce in order on one partition; returns each record's (partition, offset)."""
+    from confluent_kafka import Producer
+
+    from shared.kafka_admin import producer_config
+
+    placed: list[tuple[int, int]] = []
+    producer = Producer(producer_config(driver.bootstrap_servers))
+    for value, headers in records:
+        producer.produce(
+            "moderation", value=value, key=key, headers=headers,
+            on_delivery=lambda error, msg: placed.append((msg.partition(), msg.offset())),
+        )  # fmt: skip
+    assert producer.flush(10) == 0
+    return placed
+
+
+record_values = st.binary(max_size=100) | st.dictionaries(
+    st.sampled_from(["item_id", "task_id", "retry_count", "timestamp"]),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=10),
+).map(lambda data: json.dumps(data).encode())
+record_headers = st.lists(
+    st.tuples(
+        st.sampled_from(["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_dueat",
+                         "ce_Bad", "ce_", "content-type", "other"])
+        | st.text(max_size=10),
+        st.none() | st.binary(max_size=30) | st.just(b"x" * 9000),
+    ),
+    max_size=5,
+)  # fmt: skip
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(record_values, record_headers), min_size=1, max_size=8))
+def test_any_records_through_the_adapter_are_dead_lettered_and_the_work_behind_goes_on(
+    driver: Driver, records: list[tuple[bytes, list]]
+) -> None:
+    """Whatever records come before it on its partition, a real task behind them completes,
+    and each of them is in the dead-letter topic with its origin, within seconds."""
+    ad = insert_ad(driver.database_url)
+    (row,) = driver.execute(
+        "INSERT INTO moderation_results (item_id) VALUES (%s) RETURNING id", (ad["item_id"],)
+    )
+    task = orjson.dumps({"item_id": ad["item_id"], "task_id": row[0], "retry_count": 0})
+    key = f"generated-{time.monotonic_ns()}".encode()
+    *placed, _ = produce_all(driver, [*records, (task, [])], key)
+    row = wait_for(
+        lambda: (r := driver.task_row(row[0]))["status"] != "pending" and r, 30, "the real task"
+    )
+    assert row["status"] == "completed"
+    origins = wait_for(
+        lambda: set(placed)
+        <= (found := {(d["origin_partition"], d["origin_offset"]) for d in driver.dead_letters()
+                      if d["origin_topic"] == "moderation"})
+        and found,
+        15,
+        "every generated record in the dead-letter topic",
+    )  # fmt: skip
+    assert set(placed) <= origins
