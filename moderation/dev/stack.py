@@ -4,6 +4,7 @@ every route on one port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -86,9 +87,18 @@ class Child:
                 cwd=REPO_ROOT,
                 # Gone with the supervisor, even if it is SIGKILLed: no orphans.
                 preexec_fn=die_with_parent(signal.SIGTERM),
+                # A group of its own: a function's gunicorn workers outlive a SIGKILLed
+                # master and keep its port, so a restart must be able to end them all.
+                process_group=0,
             )  # fmt: skip
         self.started_at = time.monotonic()
         self.restart_at = None
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL whatever is left of a dead child's process group (its workers)."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 # A child that dies is started again after 1, 2, 4 ... 30 s; one that ran this long is
@@ -243,6 +253,7 @@ class DevStack:
             if child.process.poll() is None:
                 continue
             if child.restart_at is None:
+                child.kill_leftovers()
                 if now - child.started_at > RECOVERED_AFTER_SECONDS:
                     child.restarts = 0
                 delay = min(2.0**child.restarts, RESTART_BACKOFF_MAX_SECONDS)

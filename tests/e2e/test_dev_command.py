@@ -114,21 +114,29 @@ def _completes(base: str) -> bool:
     )
 
 
-@pytest.mark.parametrize("killed", ["adapter", "relay"])
-def test_dev_command_restarts_a_child_that_dies(killed: str) -> None:
+@pytest.mark.parametrize(
+    ("killed", "words"),
+    [
+        ("adapter", ("moderation", "adapter")),
+        ("relay", ("moderation", "relay")),
+        ("moderation_consumer", ("functions_framework", "moderation_consumer")),
+    ],
+)
+def test_dev_command_restarts_a_child_that_dies(killed: str, words: tuple[str, ...]) -> None:
     process, base = _start_dev()
     try:
-        victim = _child_running(process, "moderation", killed)
+        victim = _child_running(process, *words)
         assert victim is not None
+        workers = victim.children()  # a function's gunicorn workers outlive their master
         victim.kill()  # SIGKILL: no chance to clean up
         replacement = wait_for(
-            lambda: (
-                (c := _child_running(process, "moderation", killed)) and c.pid != victim.pid and c
-            ),
+            lambda: (c := _child_running(process, *words)) and c.pid != victim.pid and c,
             30,
             f"{killed} to be started again",
         )
         assert replacement
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], "the dead child's workers are still running"
         assert process.poll() is None  # the rest of the stack is still up
         assert _completes(base)
     finally:
