@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,28 +43,46 @@ class Publisher:
         self.bootstrap_servers = bootstrap_servers
         self._producer: Any = None
         self._broken = False  # set by a delivery callback; the next publish replaces the producer
+        # Set when the producer lost every broker. What it had in flight then keeps it from
+        # delivering anything until message.timeout.ms has passed (and a memory-only broker
+        # forgets its producer id), so it is replaced, at most once a second, until a new one
+        # stays connected: publishing works again within a second of the broker's return.
+        self._lost_brokers = False
+        self._created_at = 0.0
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _get_producer(self) -> Any:
         with self._lock:
-            if self._broken and self._producer is not None:
+            lost = self._lost_brokers and time.monotonic() - self._created_at >= 1.0
+            if (self._broken or lost) and self._producer is not None:
                 # Outstanding records of a broken producer are lost to it; their outbox rows
                 # stay unpublished and the relay sends them again.
                 self._drop(self._producer)
                 self._producer = None
-            self._broken = False
             if self._producer is None:
                 from confluent_kafka import Producer
 
-                self._producer = Producer(producer_config(self.bootstrap_servers))
+                self._broken = self._lost_brokers = False
+                self._created_at = time.monotonic()
+                self._producer = Producer(
+                    producer_config(self.bootstrap_servers, error_cb=self._on_error)
+                )
             if self._poller is None:
                 self._poller = threading.Thread(
                     target=self._poll_forever, name="kafka-delivery", daemon=True
                 )
                 self._poller.start()
             return self._producer
+
+    def _on_error(self, error: Any) -> None:
+        from confluent_kafka import KafkaError
+
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._lost_brokers = True
+        if error.fatal():
+            self._broken = True
 
     def _poll_forever(self) -> None:
         while not self._closed.is_set():

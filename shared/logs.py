@@ -29,7 +29,7 @@ _CONTEXT = (("request_id", request_id), ("task_id", task_id), ("item_id", item_i
 
 log = logging.getLogger("moderation")
 kafka_log = logging.getLogger("librdkafka")
-REPEATING_LOGGERS = ("librdkafka", "psycopg.pool", "shared.db")
+REPEATING_LOGGERS = ("librdkafka", "psycopg.pool", "shared.db", "shared.kafka")
 
 # A request id we accept from a client: printable ASCII without spaces, at most 128 characters.
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")
