@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install dev test lint format clean \
+.PHONY: install dev test faults lint format clean \
 	container-tools container-image container-up container-down container-test
 
 $(BIN)/.installed: pyproject.toml
@@ -21,6 +21,9 @@ dev: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+faults: install
+	$(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # ---- containers: the image and the compose stack, on podman with local stand-in base images
 # (a machine with Docker and a registry runs `docker compose up -d --build` instead).
