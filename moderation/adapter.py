@@ -26,6 +26,7 @@ from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
 from shared import metrics
 from shared.config import get_settings
+from shared.errors import Outcome
 from shared.kafka_admin import producer_config
 from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
 
@@ -277,7 +278,7 @@ class TopicPusher(ConsumerLoop):
             self.dead_letter_topic,
             raw=message.value() or b"",
             error=reason,
-            error_class="permanent",
+            error_class=Outcome.DEAD_LETTER.value,
             retry_count=0,
             origin=Origin(message.topic(), message.partition(), message.offset()),
             task_id=None,

@@ -82,10 +82,10 @@ async def _handle(data: Any, attributes: dict[str, Any]) -> str:
         return await _score(delivery)
     except ModerationError as error:
         return await _on_failure(delivery, error)
-    except Exception:  # a bug: retried like a temporary error, never lost
+    except Exception:  # a bug: retried (it may pass next time), never lost
         # The details go to the log only: error_message is shown to API clients.
         log.exception("unexpected error while moderating")
-        return await _on_failure(delivery, ScoringFailed(), temporary=True)
+        return await _on_failure(delivery, ScoringFailed(), retryable=True)
 
 
 async def _score(delivery: Delivery) -> str:
@@ -129,15 +129,15 @@ async def _score(delivery: Delivery) -> str:
     return "completed"
 
 
-async def _on_failure(delivery: Delivery, error: ModerationError, temporary: bool = False) -> str:
+async def _on_failure(delivery: Delivery, error: ModerationError, retryable: bool = False) -> str:
     settings = get_settings()
     publisher = get_publisher()
     message = delivery.message
     retry_count = message.retry_count if message else 0
-    temporary = temporary or error.outcome is Outcome.RETRY
+    retryable = retryable or error.outcome is Outcome.RETRY
     reason = str(error.detail_value)
 
-    if temporary and message is not None and retry_count < settings.max_retries:
+    if retryable and message is not None and retry_count < settings.max_retries:
         due_at = now() + retry_delay(retry_count)
         record = retry_record(settings.retry_topic, message, delivery.task_id, due_at)
         await publisher.publish_or_raise([record], settings.durable_publish_wait_seconds)
@@ -146,7 +146,7 @@ async def _on_failure(delivery: Delivery, error: ModerationError, temporary: boo
         )
         return "retried"
 
-    if temporary:
+    if retryable:
         reason = f"{reason} (gave up after {retry_count} retries)"
     # The dead letter is the durable outcome: once it is acknowledged, the task will be failed,
     # here or (if the database is down now) by the dead-letter recorder.
@@ -154,7 +154,7 @@ async def _on_failure(delivery: Delivery, error: ModerationError, temporary: boo
         settings.dlq_topic,
         raw=delivery.raw,
         error=reason,
-        error_class=(Outcome.RETRY if temporary else Outcome.DEAD_LETTER).value,
+        error_class=(Outcome.RETRY if retryable else Outcome.DEAD_LETTER).value,
         retry_count=retry_count,
         origin=delivery.origin,
         task_id=delivery.task_id,

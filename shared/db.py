@@ -2,7 +2,7 @@
 
 The pool is never created at import (functions-framework imports before it forks) and is
 bound to the event loop that opened it; a new loop (a test client) gets a new pool.
-Connection loss of any kind is turned into DatabaseUnavailable (503 / temporary error).
+Connection loss of any kind is turned into DatabaseUnavailable (503 / retryable error).
 psycopg itself is imported on first use: it is a fifth of a function's import time, and a
 cold `/predict` never needs it.
 """

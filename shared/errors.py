@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 class Outcome(StrEnum):
     """What the consumer does with a message whose processing raised the error."""
 
-    RETRY = "temporary"  # republish to the retry topic, DLQ after MAX_RETRIES
+    RETRY = "retryable"  # republish to the retry topic, DLQ after MAX_RETRIES
     DEAD_LETTER = "permanent"  # DLQ at once, task failed
 
 

@@ -68,7 +68,7 @@ def test_database_down_through_every_retry_fails_the_task_with_a_dead_letter(
     finally:
         postgres.start()
     assert letter["retry_count"] == 3
-    assert letter["error_class"] == "temporary"
+    assert letter["error_class"] == "retryable"
     assert [r["retry_count"] for r in retries_of(driver, task_id, 3)] == [1, 2, 3]
     # The dead-letter recorder fails the task once the database is back.
     row = wait_for(

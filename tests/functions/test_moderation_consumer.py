@@ -202,7 +202,7 @@ def test_consumer_poison_message_goes_to_dlq_with_raw_payload(
     assert kafka_topics.read(kafka_topics.retry) == []
 
 
-def test_consumer_temporary_error_publishes_one_retry_and_keeps_task_pending(
+def test_consumer_retryable_error_publishes_one_retry_and_keeps_task_pending(
     kafka_topics: Topics,
     disposable_postgres: EmbeddedPostgres,
     make_client: Callable[[str], TestClient],
@@ -247,7 +247,7 @@ def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_dat
     assert (letter["task_id"], letter["retry_count"], letter["error_class"]) == (
         task_id,
         3,
-        "temporary",
+        "retryable",
     )
     assert kafka_topics.read(kafka_topics.retry) == []
 
