@@ -262,6 +262,11 @@ async def parse_item_id(request: Request) -> int:
     body = await read_body(request)
     from_body = parse(ItemIdRequest, body).item_id if body.strip() else None
     if "item_id" in request.query_params:
+        if len(request.query_params.getlist("item_id")) > 1:
+            raise ValidationFailed(
+                [{"type": "value_error", "loc": ["query", "item_id"],
+                  "msg": "item_id is given more than once"}]
+            )  # fmt: skip
         from_query = parse(ItemIdRequest, dict(request.query_params), "query").item_id
         if from_body is not None and from_body != from_query:
             raise ValidationFailed(
