@@ -1,6 +1,7 @@
 """The fault suite: sixteen clients queue tasks through the dev stack's gateway while, in turn,
-the consumer, the adapter and the relay are SIGKILLed, the database stops and starts, and the
-broker restarts (memory-only, so it comes back empty). Every accepted task must reach
+the consumer, the adapter and the relay are SIGKILLed, the database stops and starts, the
+broker restarts (memory-only, so it comes back empty), and both go down together and come back
+in either order. Every accepted task must reach
 `completed` or `failed` with a reason, none may be lost or change once finished, and the
 database must hold exactly the tasks the clients were given.
 
@@ -167,6 +168,18 @@ class Suite:
         time.sleep(3)
         self.stack.kafka.start()
 
+    def both_down(self, back_first: str) -> None:
+        """Database and broker down together for 3 s; one comes back 2 s before the other."""
+        postgres, kafka = self.stack.postgres, self.stack.kafka
+        assert postgres is not None and kafka is not None
+        kafka.stop()
+        postgres.stop()
+        time.sleep(3)
+        first, second = (postgres, kafka) if back_first == "database" else (kafka, postgres)
+        first.start()
+        time.sleep(2)
+        second.start()
+
     def strike(self, fault: str, action: Callable[[], None]) -> None:
         """Inject a fault; note how long after its end a new task went through, and the most
         tasks pending from its start until then."""
@@ -242,6 +255,8 @@ def test_every_accepted_task_finishes_through_every_fault(
         suite.strike("SIGKILL relay", lambda: suite.kill("relay"))
         suite.strike("database stop 4 s, start", suite.database_outage)
         suite.strike("broker stop 3 s, start (empty)", suite.broker_restart)
+        suite.strike("both down, database back first", lambda: suite.both_down("database"))
+        suite.strike("both down, broker back first", lambda: suite.both_down("broker"))
         wait_for(lambda: len(clients.accepted) >= MIN_TASKS, 300, f"{MIN_TASKS} accepted tasks")
     finally:
         clients.stop.set()
