@@ -182,7 +182,7 @@ def test_gateway_routes_no_internal_endpoint_and_answers_json(gateway: httpx.Cli
         ("POST", "/predict", {"X-Request-ID": "ключ".encode()}),
         ("POST", "/predict", {"Content-Type": b"\xff\xfe"}),
         ("POST", "/async_predict?item_id=1", {"Idempotency-Key": "ключ".encode()}),
-        ("GET", "/moderation_result/%00%0a", {}),
+        ("GET", "/moderation_result/%0a%01", {}),
         ("GET", "/moderation/moderation_result/99999999999999999999999", {}),
         ("POST", "/predict", {"X-Big": b"x" * 40_000}),
     ],
@@ -193,6 +193,12 @@ def test_gateway_answers_hostile_requests_with_a_json_4xx_or_200(
     response = gateway.request(method, path, headers=headers, json=AD)
     assert response.status_code < 500, response.text
     assert response.json()
+
+
+def test_gateway_answers_a_request_it_cannot_parse_with_400() -> None:
+    """A NUL in the path: nginx refuses it before routing, with its own (HTML) 400 page."""
+    response = httpx.get(f"{GATEWAY_URL}/moderation_result/%00", timeout=10)
+    assert response.status_code == 400
 
 
 def test_generated_requests_through_the_gateway_never_get_a_server_error() -> None:
