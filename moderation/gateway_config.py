@@ -18,7 +18,9 @@ _GET_ONLY = "if ($request_method !~ ^(GET|HEAD)$) { return 405; }"
 def _path_regex(path: str) -> str:
     """A route path as a regex fragment: {name} segments match one path segment."""
     parts = re.split(r"(\{\w+\})", path.lstrip("/"))
-    return "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+    # No control character in a segment, as in the route table (nginx refuses NUL itself).
+    segment = r"[^/\x01-\x1f\x7f]+"
+    return "".join(segment if part.startswith("{") else re.escape(part) for part in parts)
 
 
 def _function_location(function: str) -> str:

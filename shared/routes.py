@@ -32,8 +32,10 @@ OPERATIONAL_PATHS = ("/health", "/ready", "/metrics")
 
 
 def path_pattern(path: str) -> re.Pattern[str]:
-    """A route path as a regex: each {name} segment is a named group; a trailing / is allowed."""
-    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
+    """A route path as a regex: each {name} segment is a named group; a trailing / is allowed.
+    A segment holds no control character: functions-framework's own router does not match a
+    path with a line break inside, so such a path must not be routed to a function at all."""
+    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/\\x00-\\x1f\\x7f]+)", re.escape(path))
     return re.compile(f"{regex}/?")
 
 

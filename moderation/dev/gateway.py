@@ -79,4 +79,16 @@ def create_gateway(
         yield
         await client.aclose()
 
-    return Starlette(routes=[Route("/{path:path}", proxy, methods=methods)], lifespan=lifespan)
+    async def not_routed(request: Request, error: Exception) -> Response:
+        """Starlette's own 404 and 405 (a path its catch-all route does not match, e.g. with a
+        line break inside; a method outside `methods`), as JSON like every other answer."""
+        code = getattr(error, "status_code", 404)
+        detail = "Method Not Allowed" if code == 405 else "Not Found"
+        headers = {"Allow": ", ".join(methods)} if code == 405 else None
+        return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+    return Starlette(
+        routes=[Route("/{path:path}", proxy, methods=methods)],
+        exception_handlers={404: not_routed, 405: not_routed},
+        lifespan=lifespan,
+    )

@@ -95,6 +95,35 @@ def test_dev_gateway_answers_a_wrong_method_on_its_own_routes_with_405(path: str
         assert client.get("/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/moderation_result/%0a%01", 404),  # a line break inside: no route matches
+        ("GET", "/moderation/moderation_result/1%0d%0a2", 404),
+        ("TRACE", "/predict", 405),
+        ("FOO", "/moderation_result/1", 405),
+    ],
+)
+def test_dev_gateway_answers_what_it_cannot_route_with_json(
+    method: str, path: str, status: int
+) -> None:
+    from starlette.testclient import TestClient
+
+    from moderation.dev.gateway import create_gateway
+
+    backends = {name: "http://127.0.0.1:1" for name in ("predict", "get_result")}
+    with TestClient(create_gateway(backends)) as client:
+        response = client.request(method, path)
+    assert response.status_code == status
+    assert response.json()["detail"]
+
+
+def test_no_route_takes_a_path_segment_with_a_control_character() -> None:
+    assert function_of("/moderation_result/12") == "get_result"
+    for segment in ("1\n2", "\x00", "\x7f", "a\tb"):
+        assert function_of(f"/moderation_result/{segment}") is None
+
+
 def test_dashboard_and_scrape_config_use_only_declared_metrics() -> None:
     import json
     import re
