@@ -28,6 +28,25 @@ def _function_location(function: str) -> str:
     return f"    location ~ ^(/moderation)?/({alternatives})/?$ {{ proxy_pass http://{function}; }}"
 
 
+# Methods an HTTP server underneath knows; any other is refused here (405), in JSON.
+_KNOWN_METHODS = "GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS"
+
+
+def _allow_map() -> list[str]:
+    """The Allow header of a 405 the gateway answers itself: the methods of that path in the
+    route table (GET, HEAD on /health and /ready)."""
+    allowed: dict[str, set[str]] = {"health": {"GET"}, "ready": {"GET"}}
+    for route in ROUTES:
+        if route.public:
+            allowed.setdefault(_path_regex(route.path), set()).add(route.method)
+    lines = ["map $uri $moderation_allow {", '    default "";']
+    for regex, methods in allowed.items():
+        if "GET" in methods:
+            methods = methods | {"HEAD"}
+        lines.append(f'    "~^(/moderation)?/{regex}/?$" "{", ".join(sorted(methods))}";')
+    return [*lines, "}"]
+
+
 def _ready_locations() -> list[str]:
     """/ready is the status service's: every component's readiness in one answer."""
     return [
@@ -50,6 +69,8 @@ def render_nginx() -> str:
         "# that serves it. Nothing else is routed: internal endpoints stay internal.",
         "",
         *upstreams,
+        "",
+        *_allow_map(),
         "",
         "# The client's X-Request-ID if it sent one, else one of nginx's own.",
         "map $http_x_request_id $moderation_request_id {",
@@ -78,6 +99,7 @@ def render_nginx() -> str:
         "    # (a NUL in the path, a malformed request line), so those get its own 400 page.",
         "    error_page 494 = @bad_request;",
         "    error_page 404 = @not_found;",
+        f"    if ($request_method !~ ^({_KNOWN_METHODS})$) {{ return 405; }}",
         "    error_page 405 = @method_not_allowed;",
         "    error_page 413 = @too_large;",
         "    error_page 502 503 504 = @unavailable;",
@@ -103,7 +125,7 @@ def render_nginx() -> str:
         "    }",
         "    location @method_not_allowed {",
         "        default_type application/json;",
-        '        add_header Allow "GET, HEAD" always;',
+        "        add_header Allow $moderation_allow always;",
         '        return 405 \'{"detail":"Method Not Allowed"}\';',
         "    }",
         "    location @too_large {",

@@ -185,6 +185,8 @@ def test_gateway_routes_no_internal_endpoint_and_answers_json(gateway: httpx.Cli
         ("GET", "/moderation_result/%0a%01", {}),
         ("GET", "/moderation/moderation_result/99999999999999999999999", {}),
         ("POST", "/predict", {"X-Big": b"x" * 40_000}),
+        ("FOO", "/predict", {}),  # uvicorn would answer a plain-text 400: nginx says 405
+        ("TRACE", "/moderation/moderation_result/1", {}),
     ],
 )
 def test_gateway_answers_hostile_requests_with_a_json_4xx_or_200(
