@@ -138,10 +138,11 @@ class DevStack:
         if self.database_url is None:
             # A data directory of its own, deleted on stop: the dev database is throwaway.
             self.postgres = EmbeddedPostgres()
-            self.database_url = self.postgres.start()
             self._start_reaper(self.postgres.data_dir)
+            self.database_url = self.postgres.start()
             self.say("postgres", f"embedded  {self.database_url}")
         else:
+            self._start_reaper(None)
             self.say("postgres", "DATABASE_URL")
         if self.kafka_bootstrap_servers is None:
             self.kafka = EmbeddedKafka(log_dir=self.state_dir)
@@ -179,14 +180,16 @@ class DevStack:
         self.spawn("gateway", [*gateway, *backends], f"http://{self.host}:{self.port}/health")
         self.urls["gateway"] = f"http://{self.host}:{self.port}"
 
-    def _start_reaper(self, postgres_dir: Path) -> None:
+    def _start_reaper(self, postgres_dir: Path | None) -> None:
         """pgserver runs PostgreSQL detached: if this process is SIGKILLed, nothing would stop
-        it. The reaper is told by Linux when this process dies, and stops it then."""
+        it. The reaper is told by Linux when this process dies, and stops it then; it also
+        removes the stack's temporary folders."""
+        command = [sys.executable, "-m", "moderation.dev.reaper", "--remove", str(self.state_dir)]
+        if postgres_dir is not None:
+            command += ["--postgres", str(postgres_dir), "--remove", str(postgres_dir)]
         with (self.state_dir / "reaper.log").open("ab") as log_file:
             self.reaper = subprocess.Popen(
-                [sys.executable, "-m", "moderation.dev.reaper",
-                 "--postgres", str(postgres_dir), "--remove", str(postgres_dir)],
-                stdout=log_file, stderr=subprocess.STDOUT,
+                command, stdout=log_file, stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )  # fmt: skip
 
@@ -291,6 +294,8 @@ class DevStack:
             self.reaper.kill()
             self.reaper.wait()
             self.reaper = None
+        # The logs and metrics of a throwaway stack go with it.
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def print_usage(base: str) -> None:

@@ -31,6 +31,8 @@ def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.
     try:
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 9  # postgres, broker, 4 functions, adapter, relay, recorder, …
+        folders = _temporary_folders(process)
+        assert all(os.path.isdir(folder) for folder in folders)
 
         task = httpx.post(f"{base}/moderation/async_predict", params={"item_id": 1}).json()
         result = wait_for(
@@ -59,6 +61,17 @@ def test_dev_command_serves_everything_and_stops_everything(stop_signal: signal.
     _, alive = psutil.wait_procs(children, timeout=15)
     assert alive == [], [p.pid for p in alive]
     assert not _answers(f"{base}/health")
+    assert not any(os.path.exists(folder) for folder in folders)
+
+
+def _temporary_folders(process: subprocess.Popen[bytes]) -> list[str]:
+    """The folders the stack's reaper is to remove: its logs, metrics and database."""
+    children = psutil.Process(process.pid).children()
+    reaper = next(c for c in children if "moderation.dev.reaper" in c.cmdline())
+    command = reaper.cmdline()
+    folders = [command[i + 1] for i, arg in enumerate(command) if arg == "--remove"]
+    assert len(folders) == 2  # the stack's folder and PostgreSQL's
+    return folders
 
 
 def test_dev_command_on_a_busy_port_says_so_and_fails() -> None:
@@ -160,9 +173,10 @@ def test_dev_command_killed_leaves_nothing_running() -> None:
     reaper = next(c for c in children if "moderation.dev.reaper" in c.cmdline())
     data_dir = reaper.cmdline()[reaper.cmdline().index("--postgres") + 1]
     assert _postgres_of(data_dir)
+    folders = _temporary_folders(process)
     process.kill()  # SIGKILL: the supervisor cannot clean up; Linux tells its children
     process.wait()
     _, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], [" ".join(p.cmdline()) for p in alive]
     wait_for(lambda: not _postgres_of(data_dir), 30, "the embedded PostgreSQL to stop")
-    assert not os.path.exists(data_dir)
+    assert not any(os.path.exists(folder) for folder in folders)
