@@ -58,9 +58,12 @@ def test_stack_serves_every_route_on_one_base_url(driver: Driver) -> None:
         result = driver.http.get(f"{prefix}/moderation_result/{accepted.json()['task_id']}")
         assert result.status_code == 200
     assert driver.http.get("/nothing/here").status_code == 404
-    # Percent-encoded control bytes and odd characters reach the function as sent (was a 500).
-    odd = driver.http.get("/moderation_result/%F3%A7%A4%A6%C3%87%C2%A0%27%C2%98%10%C2%A5")
+    # Percent-encoded odd characters reach the function as sent (was a 500); a control byte in
+    # a segment matches no route.
+    odd = driver.http.get("/moderation_result/%F3%A7%A4%A6%C3%87%C2%A0%27%C2%98%C2%A5")
     assert odd.status_code == 422 and odd.json()["detail"]
+    control = driver.http.get("/moderation_result/%F3%A7%A4%A6%C3%87%C2%A0%27%C2%98%10%C2%A5")
+    assert control.status_code == 404 and control.json()["detail"]
     for prefix in ("", "/moderation"):
         assert driver.http.get(f"{prefix}/openapi.json").json()["openapi"] == "3.1.0"
         assert driver.http.get(f"{prefix}/docs/swagger-ui-bundle.js").status_code == 200
