@@ -31,7 +31,7 @@ def create_gateway(
     client = httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_keepalive_connections=64))
 
     async def proxy(request: Request) -> Response:
-        path = request.url.path
+        path = request.scope["path"]  # as decoded: request.url.path drops line breaks
         if strip_prefix(path).rstrip("/") in ("/health", "/ready"):
             if request.method not in ("GET", "HEAD"):
                 return JSONResponse(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
@@ -82,9 +83,17 @@ def test_odd_item_ids_in_the_query_are_422(make_client, query: str, database_url
 @pytest.mark.parametrize(
     "path",
     ["/moderation_result/%00", "/moderation_result/1%0a", "/moderation_result/%F0%9F%98%80",
-     "/moderation_result/" + "9" * 400, "/moderation_result/%2e%2e%2fetc"],
+     "/moderation_result/" + "9" * 400, "/moderation_result/%2e%2e%2fetc",
+     "/moderation_result/1%0a", "/moderation_result/1%092"],
 )  # fmt: skip
 def test_odd_task_ids_in_the_path_are_4xx(make_client, path: str, database_url: str) -> None:
+    """Also when a task 1 or 12 exists: a line break or tab is not dropped from the path."""
+    from tests.conftest import insert_ad
+
+    with psycopg.connect(database_url) as conn:
+        item = insert_ad(database_url)["item_id"]
+        for _ in range(12):
+            conn.execute("INSERT INTO moderation_results (item_id) VALUES (%s)", (item,))
     answer = make_client("get_result").get(path)
     assert answer.status_code in (404, 422), answer.text
     assert "detail" in answer.json()
