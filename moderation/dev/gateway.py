@@ -6,6 +6,7 @@ In production a real gateway (nginx, Envoy, a Knative/Cloud Run domain mapping) 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,8 @@ from starlette.routing import Route
 from moderation.status import readiness
 from shared.routes import function_of, strip_prefix
 
+log = logging.getLogger(__name__)
+
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 
@@ -28,7 +31,11 @@ def create_gateway(
     """backends: function name -> base URL; components: other processes whose /ready the
     gateway's /ready includes (the consumer, the adapter, the relay...) -> base URL."""
     everything = {**backends, **(components or {})}
-    client = httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_keepalive_connections=64))
+    # Idle connections are dropped after 1 s, before the functions' server closes them (its
+    # keep-alive is gunicorn's 2 s): reusing one the server is closing fails the request.
+    client = httpx.AsyncClient(
+        timeout=60.0, limits=httpx.Limits(max_keepalive_connections=64, keepalive_expiry=1.0)
+    )
 
     async def proxy(request: Request) -> Response:
         path = request.scope["path"]  # as decoded: request.url.path drops line breaks
@@ -57,7 +64,8 @@ def create_gateway(
             )
         except httpx.InvalidURL:
             return JSONResponse({"detail": "Invalid request path"}, status_code=400)
-        except httpx.HTTPError:
+        except httpx.HTTPError as error:
+            log.warning("%s %s: %s did not answer: %r", request.method, path, function, error)
             return JSONResponse({"detail": f"{function} is not available"}, status_code=502)
         response_headers = {
             k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
