@@ -93,13 +93,21 @@ class Router:
     async def handle(self, request: Request) -> Response:
         """Answer a request; the answer carries its request id, and one access line says it."""
         started = time.perf_counter()
-        headers = request.headers
-        request_id = logs.new_request_id(headers.get("x-request-id"), headers.get("traceparent"))
+        # The two headers in one pass over the raw list (this runs on every request).
+        given = traceparent = None
+        for name, value in request.scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+        request_id = logs.new_request_id(given, traceparent)
         token = logs.request_id.set(request_id)
         route = "unmatched"  # the metrics label of a path no route serves
         try:
             route, response = await self._dispatch(request)
-            response.headers["X-Request-ID"] = request_id
+            # Appended, not set through response.headers: no answer carries it yet, and the
+            # id is ASCII (a client's is checked to be).
+            response.raw_headers.append((b"x-request-id", request_id.encode()))
             seconds = time.perf_counter() - started
             status = response.status_code
             self._record(route, request.method, status, seconds)

@@ -134,6 +134,7 @@ class _AccessLog:
         self._flush_scheduled = False
         self._second = -1
         self._second_text = ""
+        self._escaped: dict[tuple[str, str], str] = {}  # "METHOD path" as a JSON string body
 
     def _timestamp(self) -> str:
         """UTC, to the millisecond; the date and time part is formatted once a second."""
@@ -149,7 +150,11 @@ class _AccessLog:
         if self.json:
             # Formatted by hand, not as a dict through orjson: this line is on every request.
             # Only the path (and a method outside the usual ones) can need JSON escaping.
-            where = orjson.dumps(f"{method} {path}").decode()[1:-1]
+            where = self._escaped.get((method, path))
+            if where is None:
+                where = orjson.dumps(f"{method} {path}").decode()[1:-1]
+                if len(self._escaped) < 1000:  # the paths a function serves, not every one
+                    self._escaped[(method, path)] = where
             self._lines.append(
                 f'{{"timestamp":"{self._timestamp()}","level":"INFO",'
                 f'"logger":"moderation.access","message":"{where} {status} {duration_ms}ms",'
