@@ -130,15 +130,14 @@ class _AccessLog:
     def __init__(self) -> None:
         self.enabled = False
         self.json = True
-        self._lines: list[bytes] = []
+        self._lines: list[tuple[float, str, str, int, float, str | None]] = []
         self._flush_scheduled = False
         self._second = -1
         self._second_text = ""
         self._escaped: dict[tuple[str, str], str] = {}  # "METHOD path" as a JSON string body
 
-    def _timestamp(self) -> str:
+    def _timestamp(self, now: float) -> str:
         """UTC, to the millisecond; the date and time part is formatted once a second."""
-        now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
@@ -146,25 +145,9 @@ class _AccessLog:
         return f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
 
     def line(self, method: str, path: str, status: int, duration_ms: float) -> None:
-        rid = request_id.get()
-        if self.json:
-            # Formatted by hand, not as a dict through orjson: this line is on every request.
-            # Only the path (and a method outside the usual ones) can need JSON escaping.
-            where = self._escaped.get((method, path))
-            if where is None:
-                where = orjson.dumps(f"{method} {path}").decode()[1:-1]
-                if len(self._escaped) < 1000:  # the paths a function serves, not every one
-                    self._escaped[(method, path)] = where
-            self._lines.append(
-                f'{{"timestamp":"{self._timestamp()}","level":"INFO",'
-                f'"logger":"moderation.access","message":"{where} {status} {duration_ms}ms",'
-                f'"request_id":"{rid}","status":{status},"duration_ms":{duration_ms}}}'.encode()
-            )
-        else:
-            self._lines.append(
-                f"{self._timestamp()} INFO moderation.access: {method} {path} {status}"
-                f" {duration_ms}ms request_id={rid}".encode()
-            )
+        """Note one request; it is formatted with the others of its batch when they are
+        written, so the request itself pays for a tuple."""
+        self._lines.append((time.time(), method, path, status, duration_ms, request_id.get()))
         if len(self._lines) >= 200:
             self.flush()
         elif not self._flush_scheduled:
@@ -174,11 +157,32 @@ class _AccessLog:
             except RuntimeError:  # no event loop: write now
                 self.flush()
 
+    def _format(
+        self, now: float, method: str, path: str, status: int, ms: float, rid: str | None
+    ) -> str:
+        if not self.json:
+            return (
+                f"{self._timestamp(now)} INFO moderation.access: {method} {path} {status}"
+                f" {ms}ms request_id={rid}"
+            )
+        # Formatted by hand, not as a dict through orjson. Only the path (and a method outside
+        # the usual ones) can need JSON escaping: done once per distinct pair.
+        where = self._escaped.get((method, path))
+        if where is None:
+            where = orjson.dumps(f"{method} {path}").decode()[1:-1]
+            if len(self._escaped) < 1000:  # the paths a function serves, not every one
+                self._escaped[(method, path)] = where
+        return (
+            f'{{"timestamp":"{self._timestamp(now)}","level":"INFO",'
+            f'"logger":"moderation.access","message":"{where} {status} {ms}ms",'
+            f'"request_id":"{rid}","status":{status},"duration_ms":{ms}}}'
+        )
+
     def flush(self) -> None:
         self._flush_scheduled = False
         lines, self._lines = self._lines, []
         if lines:
-            sys.stdout.write(b"\n".join([*lines, b""]).decode())
+            sys.stdout.write("".join(self._format(*line) + "\n" for line in lines))
             sys.stdout.flush()
 
 
