@@ -164,8 +164,10 @@ class TopicPusher(ConsumerLoop):
             self._done.pop((partition.topic, partition.partition), None)
 
     def _commit_done(self, consumer: Any) -> None:
-        """On stop: wait until every record delivered so far is committed, so the next owner
-        of these partitions does not push them again (commits on the way are asynchronous)."""
+        """On stop: commit every record delivered so far (the commits on the way are
+        asynchronous too); close() then waits for them while the broker answers, so the next
+        owner of these partitions does not push them again. With the broker gone, they are
+        pushed again: duplicates the consumer ignores."""
         from confluent_kafka import KafkaException, TopicPartition
 
         if not self._done:
@@ -174,10 +176,8 @@ class TopicPusher(ConsumerLoop):
             TopicPartition(topic, part, offset) for (topic, part), offset in self._done.items()
         ]
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            log.info("%s: stopped; committed %s", self.topic,
-                     ", ".join(f"[{p.partition}]@{p.offset}" for p in offsets))  # fmt: skip
-        except KafkaException as error:  # the broker is gone: these are delivered again
+            consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as error:
             log.warning("%s: stopped; final commit failed: %s", self.topic, error)
 
     def _measure_lag(self, consumer: Any) -> None:
@@ -389,8 +389,11 @@ class Adapter:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 8.0) -> None:
+        """Stop every pusher, waiting at most `timeout` seconds in all (within the 10 s grace of
+        compose and podman): a push under way finishes, what was delivered is committed."""
         for pusher in self.pushers:
             pusher.stop()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0))

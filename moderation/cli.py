@@ -249,7 +249,7 @@ def dlq_recorder(group: str) -> None:
     thread.start()
     wait_for_stop_signal()
     recorder.stop()
-    thread.join(10)
+    thread.join(8)  # within the 10 s grace of compose and podman
 
 
 @main.command()

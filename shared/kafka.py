@@ -49,6 +49,7 @@ class Publisher:
         # stays connected: publishing works again within a second of the broker's return.
         self._lost_brokers = False
         self._created_at = 0.0
+        self._generation = 0  # of the current producer: a dropped one's errors are ignored
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -66,8 +67,11 @@ class Publisher:
 
                 self._broken = self._lost_brokers = False
                 self._created_at = time.monotonic()
+                self._generation += 1
                 self._producer = Producer(
-                    producer_config(self.bootstrap_servers, error_cb=self._on_error)
+                    producer_config(
+                        self.bootstrap_servers, error_cb=self._error_callback(self._generation)
+                    )
                 )
             if self._poller is None:
                 self._poller = threading.Thread(
@@ -76,13 +80,18 @@ class Publisher:
                 self._poller.start()
             return self._producer
 
-    def _on_error(self, error: Any) -> None:
-        from confluent_kafka import KafkaError
+    def _error_callback(self, generation: int) -> Any:
+        def on_error(error: Any) -> None:
+            from confluent_kafka import KafkaError
 
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._lost_brokers = True
-        if error.fatal():
-            self._broken = True
+            if generation != self._generation:
+                return  # a producer already dropped (the poller may still be polling it)
+            if error.code() == KafkaError._ALL_BROKERS_DOWN:
+                self._lost_brokers = True
+            if error.fatal():
+                self._broken = True
+
+        return on_error
 
     def _poll_forever(self) -> None:
         while not self._closed.is_set():
@@ -142,6 +151,8 @@ class Publisher:
                 log.warning("kafka delivery failed: %s", error)
                 if error.fatal() or error.name() in _REPLACE_PRODUCER_ON:
                     self._broken = True
+            else:  # it reaches a broker again by itself: keep it
+                self._lost_brokers = False
             # RuntimeError: the requesting event loop is gone, so nobody waits any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future, error is None)

@@ -31,10 +31,12 @@ log = logging.getLogger("moderation")
 kafka_log = logging.getLogger("librdkafka")
 REPEATING_LOGGERS = ("librdkafka", "psycopg.pool", "shared.db", "shared.kafka")
 
-# A request id we accept from a client: printable ASCII without spaces, at most 128 characters.
-_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+# A request id we accept from a client: printable ASCII without spaces, quotes or backslashes
+# (it is written into JSON log lines as it is), at most 128 characters.
+_REQUEST_ID = re.compile(r"[!#-\[\]-~]{1,128}")
 # W3C traceparent: version-traceid-parentid-flags; its trace id names the request.
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_INVALID_TRACE_ID = "0" * 32  # W3C: all zeros is not a trace id
 
 
 # Fresh request ids: a random prefix per process and a counter (a uuid4 per request costs
@@ -48,7 +50,8 @@ def new_request_id(header: str | None = None, traceparent: str | None = None) ->
     fresh one."""
     if header and _REQUEST_ID.fullmatch(header):
         return header
-    if traceparent and (found := _TRACEPARENT.fullmatch(traceparent.strip())):
+    found = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+    if found and found.group(1) != _INVALID_TRACE_ID:
         return found.group(1)
     return f"{_ID_PREFIX}{next(_ids):08x}"
 
@@ -161,6 +164,8 @@ class _AccessLog:
         self, now: float, method: str, path: str, status: int, ms: float, rid: str | None
     ) -> str:
         if not self.json:
+            if not path.isprintable():  # a tab or line break must not break the line
+                path = path.encode("unicode_escape").decode()
             return (
                 f"{self._timestamp(now)} INFO moderation.access: {method} {path} {status}"
                 f" {ms}ms request_id={rid}"

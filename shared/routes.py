@@ -109,6 +109,17 @@ def strip_prefix(path: str) -> str:
     return path
 
 
+def allowed_methods(path: str) -> list[str]:
+    """The methods the route table serves on a path (either prefix), HEAD with GET."""
+    rest = strip_prefix(path)
+    methods = {route.method for route in ROUTES if route.public and route.pattern.fullmatch(rest)}
+    if rest.rstrip("/") in ("/health", "/ready"):
+        methods.add("GET")
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def function_of(path: str) -> str | None:
     """The function that serves a path (either prefix), or None."""
     rest = strip_prefix(path)

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moderation.status import readiness
-from shared.routes import function_of, strip_prefix
+from shared.routes import allowed_methods, function_of, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def create_gateway(
         line break inside; a method outside `methods`), as JSON like every other answer."""
         code = getattr(error, "status_code", 404)
         detail = "Method Not Allowed" if code == 405 else "Not Found"
-        headers = {"Allow": ", ".join(methods)} if code == 405 else None
+        allowed = ", ".join(allowed_methods(request.scope["path"]))
+        headers = {"Allow": allowed} if code == 405 else None
         return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
     return Starlette(

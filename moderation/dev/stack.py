@@ -271,7 +271,8 @@ class DevStack:
                 child.launch()
                 self.say(child.name, f"restarted (restart {child.restarts})")
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop everything; the temporary folder (logs, metrics) goes too unless keep_logs."""
         # SIGTERM, not SIGINT: an aio function stops in well under a second on SIGTERM.
         processes = [child.process for child in reversed(self.children) if child.process]
         for process in processes:
@@ -281,7 +282,8 @@ class DevStack:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):  # with its workers, if any
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.children.clear()
         if self.kafka is not None:
@@ -295,7 +297,8 @@ class DevStack:
             self.reaper.wait()
             self.reaper = None
         # The logs and metrics of a throwaway stack go with it.
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def print_usage(base: str) -> None:
@@ -340,7 +343,8 @@ def run(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping...", flush=True)
-        stack.stop()
-        print("stopped", flush=True)
+        # After a failed start, the logs the error points to stay.
+        stack.stop(keep_logs=code != 0)
+        print("stopped" if code == 0 else f"stopped; logs kept in {stack.state_dir}", flush=True)
     if code:
         sys.exit(code)

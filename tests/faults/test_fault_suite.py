@@ -57,6 +57,7 @@ class Clients:
     base_url: str
     items: list[int]
     accepted: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (task, item)
+    accepted_at: dict[int, float] = field(default_factory=dict)  # task -> when
     statuses: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)  # answers other than 200 and 503
     stop: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +82,7 @@ class Clients:
                 task_id = int(response.json()["task_id"])
                 with self._lock:
                     self.accepted[key] = (task_id, item_id)
+                    self.accepted_at[task_id] = time.monotonic()
                 return task_id
             time.sleep(0.1)  # 503 while the database is down, or 502: the same key again
         return None
@@ -132,6 +134,7 @@ class Watcher:
 @dataclass
 class Outcome:
     fault: str
+    started: float
     in_flight: int
     recovery_seconds: float
 
@@ -191,7 +194,7 @@ class Suite:
         over = time.monotonic()
         recovery = self.canary_through(over)
         in_flight = max(n for when, n in self.watcher.pending if when >= start - 0.5)
-        self.outcomes.append(Outcome(fault, in_flight, recovery))
+        self.outcomes.append(Outcome(fault, start, in_flight, recovery))
         time.sleep(2)  # the steady flow again, before the next fault
 
     def canary_through(self, since: float) -> float:
@@ -283,15 +286,19 @@ def test_every_accepted_task_finishes_through_every_fault(
     by_id = {row[0]: row for row in rows}
 
     lost = expected - set(by_id)
+    # A task is counted against the fault that struck last before it was accepted.
+    starts = [o.started for o in suite.outcomes] + [float("inf")]
     table = [f"{'fault':<34} {'in flight':>9} {'recovery s':>10} {'lost':>5}"]
-    table += [
-        f"{o.fault:<34} {o.in_flight:>9} {o.recovery_seconds:>10.1f} {len(lost):>5}"
-        for o in suite.outcomes
-    ]
+    for number, o in enumerate(suite.outcomes):
+        window = [
+            t for t in lost if starts[number] <= clients.accepted_at.get(t, 0) < starts[number + 1]
+        ]
+        table.append(f"{o.fault:<34} {o.in_flight:>9} {o.recovery_seconds:>10.1f} {len(window):>5}")
     statuses = Counter(row[2] for row in rows)
     table.append(
         f"{len(expected)} tasks ({len(accepted)} from {CLIENTS} clients, {len(suite.canaries)}"
-        f" canaries): {dict(statuses)}; all finished {drained:.1f} s after the last request;"
+        f" canaries): {dict(statuses)}, {len(lost)} lost;"
+        f" all finished {drained:.1f} s after the last request;"
         f" client answers {dict(clients.statuses)}"
     )
     with capsys.disabled():

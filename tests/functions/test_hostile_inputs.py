@@ -9,6 +9,8 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
+from shared.logs import new_request_id
+
 AD = {
     "seller_id": 1, "is_verified_seller": False, "item_id": 1, "name": "Phone",
     "description": "Test Description", "category": 1, "images_qty": 0,
@@ -46,7 +48,7 @@ def test_any_unicode_in_a_text_field_is_scored(client: TestClient, text: str) ->
 
 @pytest.mark.parametrize(
     "value",
-    ["ключ", "a" * 129, "bad\x7fid", "", " "],
+    ["ключ", "a" * 129, "bad\x7fid", "", " ", 'a"}', "back\\slash"],
 )
 def test_an_unusable_request_id_is_replaced_by_a_new_one(client: TestClient, value: str) -> None:
     answer = client.post("/predict", json=AD, headers={"X-Request-ID": value.encode()})
@@ -55,10 +57,18 @@ def test_an_unusable_request_id_is_replaced_by_a_new_one(client: TestClient, val
     assert answer.headers["x-request-id"].isascii()
 
 
-@pytest.mark.parametrize("value", ["00-zz-yy-01", "😀", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"])
+@pytest.mark.parametrize(
+    "value", ["00-zz-yy-01", "😀", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "00-abc"]
+)
 def test_a_malformed_traceparent_is_ignored(client: TestClient, value: str) -> None:
     answer = client.post("/predict", json=AD, headers={"traceparent": value.encode()})
     _deliberate(answer, 200)
+    assert answer.headers["x-request-id"] not in value  # a new id, not a piece of it
+
+
+def test_a_traceparent_names_the_request() -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert new_request_id(None, f"00-{trace}-00f067aa0ba902b7-01") == trace
 
 
 @pytest.mark.parametrize(
@@ -84,7 +94,7 @@ def test_odd_item_ids_in_the_query_are_422(make_client, query: str, database_url
     "path",
     ["/moderation_result/%00", "/moderation_result/1%0a", "/moderation_result/%F0%9F%98%80",
      "/moderation_result/" + "9" * 400, "/moderation_result/%2e%2e%2fetc",
-     "/moderation_result/1%0a", "/moderation_result/1%092"],
+     "/moderation_result/1%092"],
 )  # fmt: skip
 def test_odd_task_ids_in_the_path_are_4xx(make_client, path: str, database_url: str) -> None:
     """Also when a task 1 or 12 exists: a line break or tab is not dropped from the path."""
@@ -97,3 +107,15 @@ def test_odd_task_ids_in_the_path_are_4xx(make_client, path: str, database_url: 
     answer = make_client("get_result").get(path)
     assert answer.status_code in (404, 422), answer.text
     assert "detail" in answer.json()
+
+
+def test_a_line_break_inside_a_path_is_not_dropped(make_client, database_url: str) -> None:
+    """Not read as task 12 (URL parsing drops line breaks). functions-framework's own router
+    answers such a path itself, with a plain-text 404 (the gateways answer it in JSON)."""
+    from tests.conftest import insert_ad
+
+    with psycopg.connect(database_url) as conn:
+        item = insert_ad(database_url)["item_id"]
+        for _ in range(12):
+            conn.execute("INSERT INTO moderation_results (item_id) VALUES (%s)", (item,))
+    assert make_client("get_result").get("/moderation_result/1%0a2").status_code == 404

@@ -116,6 +116,8 @@ def test_dev_gateway_answers_what_it_cannot_route_with_json(
         response = client.request(method, path)
     assert response.status_code == status
     assert response.json()["detail"]
+    if status == 405:  # the route's own methods
+        assert response.headers["allow"] == ("POST" if path == "/predict" else "GET, HEAD")
 
 
 def test_no_route_takes_a_path_segment_with_a_control_character() -> None:
