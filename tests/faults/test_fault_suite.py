@@ -210,13 +210,25 @@ class Suite:
                 timer.cancel()
             assert task_id is not None, "no task accepted within 60 s of the fault's end"
             self.canaries.append(task_id)
-            wait_for(
-                lambda: client.get(f"/moderation_result/{task_id}").json()["status"] == "completed",
-                90,
-                f"canary task {task_id} to complete",
-                interval=0.05,
-            )
+            try:
+                wait_for(
+                    lambda: (
+                        client.get(f"/moderation_result/{task_id}").json()["status"] == "completed"
+                    ),
+                    90,
+                    f"canary task {task_id} to complete",
+                    interval=0.05,
+                )
+            except AssertionError:
+                self.print_logs()
+                raise
         return time.monotonic() - since
+
+    def print_logs(self, lines: int = 60) -> None:
+        """The end of each process's log, for a failure's report (the folder goes at stop)."""
+        for log in sorted(self.stack.state_dir.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            print(f"==== {log.name}", *tail, sep="\n")
 
 
 @pytest.fixture(scope="module")
