@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 
 LAG_INTERVAL_SECONDS = 10.0
+# A pusher owning no partition this long, while the topic has one for every pusher, joins the
+# group again.
+STUCK_AFTER_SECONDS = 20.0
 _LAGS: dict[tuple[str, int], int] = {}
 _LAG_LOCK = threading.Lock()
 
@@ -135,6 +138,7 @@ class TopicPusher(ConsumerLoop):
     # (a 502/503/504 or no answer means the sink is away: those are retried without end).
     # Like KafkaSource's delivery.retry, the record then goes to the dead-letter topic.
     max_server_errors: int = 10
+    group_size: int = 1  # pushers of this topic in the group: each should own a partition
     delivered: int = 0
     _producer: Any = field(default=None, init=False, repr=False)
     # The next offset to commit of each owned partition: what was delivered or dead-lettered.
@@ -142,15 +146,25 @@ class TopicPusher(ConsumerLoop):
     _server_errors: int = field(default=0, init=False, repr=False)  # of the record being pushed
 
     def consume(self, consumer: Any) -> None:
-        lag_measured = 0.0
+        lag_measured = assignment_checked = 0.0
+        unassigned_since: float | None = None
         self._done.clear()
         with httpx.Client(timeout=self.request_timeout) as client:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
                 heartbeat.beat()
-                if time.monotonic() - lag_measured > LAG_INTERVAL_SECONDS:
-                    lag_measured = time.monotonic()
+                now = time.monotonic()
+                if now - lag_measured > LAG_INTERVAL_SECONDS:
+                    lag_measured = now
                     self._measure_lag(consumer)
+                if now - assignment_checked > 1.0:
+                    assignment_checked = now
+                    if consumer.assignment():
+                        unassigned_since = None
+                    elif unassigned_since is None:
+                        unassigned_since = now
+                    elif now - unassigned_since > STUCK_AFTER_SECONDS and self._left_out(consumer):
+                        return  # run() closes this consumer and joins the group afresh
                 if message is None:
                     continue
                 if message.error():
@@ -158,6 +172,26 @@ class TopicPusher(ConsumerLoop):
                     continue
                 self._handle(consumer, client, message)
         self._commit_done(consumer)
+
+    def _left_out(self, consumer: Any) -> bool:
+        """True when the topic has a partition for every pusher of the group but this one has
+        had none for STUCK_AFTER_SECONDS: a group left in a bad state (seen after the embedded
+        broker restarted while the group was joining), not a spare member."""
+        from confluent_kafka import KafkaException
+
+        try:  # all topics: asking for one by name would create it on some brokers
+            topic = consumer.list_topics(timeout=2.0).topics.get(self.topic)
+        except KafkaException:
+            return False
+        partitions = len(topic.partitions) if topic is not None and not topic.error else 0
+        if partitions < self.group_size:
+            return False
+        log.warning(
+            "%s: no partition for %.0f s although the topic has %d for %d pushers;"
+            " joining the group again", self.topic, STUCK_AFTER_SECONDS, partitions,
+            self.group_size,
+        )  # fmt: skip
+        return True
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:
@@ -372,11 +406,12 @@ class Adapter:
         retry_group = f"{group_id}-retry"
         self.pushers = [
             TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url,
-                        dead_letter_topic=dead_letter_topic)
+                        dead_letter_topic=dead_letter_topic, group_size=concurrency)
             for _ in range(concurrency)
         ] + [
             TopicPusher(bootstrap_servers, retry_topic, retry_group, sink_url=sink_url,
-                        dead_letter_topic=dead_letter_topic, honour_due_time=True)
+                        dead_letter_topic=dead_letter_topic, honour_due_time=True,
+                        group_size=concurrency)
             for _ in range(concurrency)
         ]  # fmt: skip
         self._threads: list[threading.Thread] = []

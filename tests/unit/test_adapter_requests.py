@@ -4,6 +4,7 @@ that would stop its partition."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,3 +118,49 @@ def test_a_far_due_time_is_cut_to_the_longest_backoff() -> None:
     due = due_time(Record(b"{}", None, [("ce_dueat", b"9999-12-31T23:59:59-23:59")]))
     assert due is not None
     assert due <= datetime.now(UTC) + timedelta(seconds=61)
+
+
+class IdleConsumer:
+    """A consumer whose group never hands it a partition, on a topic of `partitions`."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+
+    def poll(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.01))
+
+    def assignment(self) -> list:
+        return []
+
+    def position(self, partitions: list) -> list:
+        return []
+
+    def list_topics(self, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        topic = SimpleNamespace(partitions=dict.fromkeys(range(self.partitions)), error=None)
+        return SimpleNamespace(topics={"moderation": topic})
+
+
+@pytest.mark.parametrize(("partitions", "rejoins"), [(4, True), (2, False)])
+def test_a_pusher_left_without_partitions_joins_again_unless_it_is_a_spare(
+    monkeypatch: pytest.MonkeyPatch, partitions: int, rejoins: bool
+) -> None:
+    """Four pushers, so each should own one of four partitions: none for a while means the
+    group is stuck. With two partitions, two pushers are spares and stay."""
+    import threading
+
+    from moderation import adapter
+
+    monkeypatch.setattr(adapter, "STUCK_AFTER_SECONDS", 0.5)
+    pusher = adapter.TopicPusher("unused:9092", "moderation", "g", sink_url="http://unused",
+                                 group_size=4)  # fmt: skip
+    timer = threading.Timer(4.0, pusher.stop)  # a spare would consume until stopped
+    timer.start()
+    try:
+        started = time.monotonic()
+        pusher.consume(IdleConsumer(partitions))
+        took = time.monotonic() - started
+    finally:
+        timer.cancel()
+    assert (took < 3.5) is rejoins
