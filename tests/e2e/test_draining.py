@@ -53,15 +53,16 @@ def test_process_stops_on_sigterm_within_the_grace_period_while_the_broker_is_do
         wait_for(lambda: _healthy(f"http://127.0.0.1:{ops_port}/health"), 30, "it to start")
         kafka.stop()
         time.sleep(6)  # its broker checks are under way now (the relay's run every 5 s)
-        stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=GRACE_SECONDS + 20)
-        took = time.monotonic() - stopped_at
-        output = process.stdout.read() if process.stdout else ""
+        try:  # what compose and podman allow before their SIGKILL, with a margin
+            code = process.wait(timeout=GRACE_SECONDS - 2)
+        except subprocess.TimeoutExpired:
+            code = None
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        output = process.stdout.read() if process.stdout else ""
         kafka.close()
+    assert code is not None, f"still running {GRACE_SECONDS - 2} s after SIGTERM\n{output}"
     assert code == 0, output
-    assert took < GRACE_SECONDS - 2, f"took {took:.1f} s to stop\n{output}"
