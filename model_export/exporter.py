@@ -21,9 +21,11 @@ from model_export.training import TrainingResult
 from shared.model_contract import (
     FEATURES,
     INPUT_NAME,
+    LINEAR_KEY,
     PROBABILITY_OUTPUT,
     contract_metadata,
     contract_mismatch,
+    linear_metadata,
 )
 
 # Pinned so the graph (and its hash) does not shift with skl2onnx's default; onnxruntime 1.32
@@ -103,6 +105,16 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def linear_of(model: Any) -> dict[str, Any] | None:
+    """A binary linear classifier's weights for model.json (serving scores single rows with
+    them, after checking them against the ONNX graph); None for any other model."""
+    coef, intercept = getattr(model, "coef_", None), getattr(model, "intercept_", None)
+    classes = list(getattr(model, "classes_", []))
+    if coef is None or intercept is None or classes != [0, 1] or coef.shape != (1, len(FEATURES)):
+        return None
+    return linear_metadata(coef[0], intercept[0])
+
+
 def build_metadata(
     training: TrainingResult, onnx_bytes: bytes, parity_diff: float
 ) -> dict[str, Any]:
@@ -118,6 +130,9 @@ def build_metadata(
         "input_name": INPUT_NAME,
         "output_name": PROBABILITY_OUTPUT,
     }
+    linear = linear_of(training.model)
+    if linear is not None:
+        metadata[LINEAR_KEY] = linear
     mismatch = contract_mismatch(metadata)
     if mismatch is not None:
         raise ExportError(f"metadata does not fit the model contract: {mismatch}")

@@ -114,7 +114,7 @@ async def _score(delivery: Delivery) -> str:
         ad = await repository.get_ad(conn, message.item_id)
         if ad is None:
             raise ItemNotFound(f"Item {message.item_id} not found")
-        (score,) = model.score([ad])
+        score = model.score_one(ad)
         updated = await repository.complete_task(
             conn,
             delivery.task_id,

@@ -7,6 +7,8 @@ Errors are JSON `{"detail": ...}` as FastAPI answers them, so older clients keep
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import re
@@ -43,7 +45,7 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         if isinstance(content, BaseModel):
-            return content.model_dump_json().encode()
+            return content.__pydantic_serializer__.to_json(content)
         try:
             return orjson.dumps(content, default=str)
         except TypeError:  # an echoed input orjson refuses: an int beyond 64 bits, a surrogate
@@ -61,6 +63,54 @@ class Raw:
     body: bytes
     media_type: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Answered:
+    """The requests this process answered, kept for a moment, then counted in the metrics and
+    written as access lines together: 0.5 s after the first of a batch, every 200 requests,
+    before /metrics answers, and at exit. A request pays for appending a tuple; the metrics'
+    locks and the write of the lines are paid once per batch (together ~10 % of a `/predict`
+    when each request paid for its own)."""
+
+    FLUSH_AFTER_SECONDS = 0.5
+    FLUSH_AT = 200
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[float, str, str, str, int, float, str]] = []
+        # Access lines need wall-clock times; requests note time.perf_counter().
+        self._wall_minus_perf = time.time() - time.perf_counter()
+        self._record = metrics.http_recorder()
+
+    def add(
+        self, started: float, route: str, method: str, path: str, status: int, rid: str
+    ) -> None:
+        """One answered request; `started` is its time.perf_counter() at arrival."""
+        entries = self._entries
+        entries.append((started, route, method, path, status, time.perf_counter() - started, rid))
+        if len(entries) == 1:  # the first of a batch: it is written 0.5 s from now at the latest
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_AFTER_SECONDS, self.flush)
+            except RuntimeError:  # no event loop: now
+                self.flush()
+        elif len(entries) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        metrics.flush_pending()
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        self._record(entries)
+        if logs.access.enabled:
+            line, wall = logs.access.format, self._wall_minus_perf
+            logs.access.write(
+                [line(started + wall, method, path, status, round(seconds * 1e3, 2), rid)
+                 for started, _, method, path, status, seconds, rid in entries]
+            )  # fmt: skip
+
+
+answered = _Answered()
+atexit.register(answered.flush)
 
 
 @dataclass(frozen=True)
@@ -82,7 +132,6 @@ class Router:
         # Most paths have no {parameter}: found by one dict lookup, with or without a slash.
         self._exact: dict[str, list[Endpoint]] = {}
         self._templated: list[Endpoint] = []
-        self._record = metrics.http_recorder()
         for endpoint in endpoints:
             if "{" in endpoint.path:
                 self._templated.append(endpoint)
@@ -91,58 +140,51 @@ class Router:
                     self._exact.setdefault(path, []).append(endpoint)
 
     async def handle(self, request: Request) -> Response:
-        """Answer a request; the answer carries its request id, and one access line says it."""
+        """Answer a request; the answer carries its request id, and one access line says it.
+
+        One coroutine, no per-request setup: this runs on every request of every function."""
         started = time.perf_counter()
-        # The two headers in one pass over the raw list (this runs on every request).
+        scope = request.scope
         given = traceparent = None
-        for name, value in request.scope["headers"]:
+        for name, value in scope["headers"]:  # the two headers in one pass over the raw list
             if name == b"x-request-id":
                 given = value.decode("latin-1")
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
         request_id = logs.new_request_id(given, traceparent)
         token = logs.request_id.set(request_id)
+        # The path as decoded, not request.url.path: building a URL drops tabs and line
+        # breaks (Python's urlsplit), so "/moderation_result/1%0a2" would read as task 12.
+        method, path = scope["method"], scope["path"]
         route = "unmatched"  # the metrics label of a path no route serves
         try:
-            route, response = await self._dispatch(request)
+            try:
+                endpoint, params = self._match(method, path)
+                route = endpoint.path
+                result = await endpoint.handler(request, **params)
+            except _MethodNotAllowed as error:
+                route = error.route
+                result = error_response(error.status, error.detail)
+                result.headers["Allow"] = ", ".join(error.detail_value)
+            except ModerationError as error:
+                result = error_response(error.status, error.detail_value)
+            except Exception:
+                log.exception("unhandled error on %s %r", method, path)
+                result = error_response(500, "Internal server error")
+            if isinstance(result, Response):
+                response = result
+            elif isinstance(result, Raw):
+                headers = result.headers
+                response = Response(result.body, media_type=result.media_type, headers=headers)
+            else:
+                response = JSONResponse(result)
             # Appended, not set through response.headers: no answer carries it yet, and the
             # id is ASCII (a client's is checked to be).
             response.raw_headers.append((b"x-request-id", request_id.encode()))
-            seconds = time.perf_counter() - started
-            status = response.status_code
-            self._record(route, request.method, status, seconds)
-            if logs.access.enabled:
-                logs.access.line(
-                    request.method, request.scope["path"], status, round(seconds * 1e3, 2)
-                )
+            answered.add(started, route, method, path, response.status_code, request_id)
             return response
         finally:
             logs.request_id.reset(token)
-
-    async def _dispatch(self, request: Request) -> tuple[str, Response]:
-        """The route template that served the request (a metrics label) and the answer."""
-        route = "unmatched"
-        try:
-            # The path as decoded, not request.url.path: building a URL drops tabs and line
-            # breaks (Python's urlsplit), so "/moderation_result/1%0a2" would read as task 12.
-            endpoint, params = self._match(request.method, request.scope["path"])
-            route = endpoint.path
-            result = await endpoint.handler(request, **params)
-        except _MethodNotAllowed as error:
-            response = error_response(error.status, error.detail)
-            response.headers["Allow"] = ", ".join(error.detail_value)
-            return error.route, response
-        except ModerationError as error:
-            return route, error_response(error.status, error.detail_value)
-        except Exception:
-            log.exception("unhandled error on %s %r", request.method, request.scope["path"])
-            return route, error_response(500, "Internal server error")
-        if isinstance(result, Response):
-            return route, result
-        if isinstance(result, Raw):
-            headers = result.headers
-            return route, Response(result.body, media_type=result.media_type, headers=headers)
-        return route, JSONResponse(result)
 
     def _match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
         rest = strip_prefix(path)
@@ -207,6 +249,7 @@ def function_router(
 
 
 async def _metrics(request: Request) -> Raw:
+    answered.flush()  # this worker's requests up to now (other workers' within 0.5 s)
     body, content_type = metrics.exposition()
     return Raw(body, content_type)
 
@@ -231,10 +274,14 @@ def validation_errors(error: ValidationError, where: str) -> list[dict[str, Any]
 async def read_body(request: Request) -> bytes:
     """The whole body, refusing more than MAX_BODY_BYTES without reading it all."""
     limit = get_settings().max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge()
-    body = bytearray()
+    for name, value in request.scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                break  # not a length (servers refuse those): counted as it arrives
+            if int(value) > limit:
+                raise PayloadTooLarge()
+            return await request.body()  # the server delivers exactly the declared length
+    body = bytearray()  # chunked: counted as it arrives
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:

@@ -4,8 +4,6 @@ line, one startup line per process, and librdkafka's messages once per problem."
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import importlib.metadata
 import itertools
 import json
@@ -126,15 +124,13 @@ class OncePerProblem(logging.Filter):
 
 
 class _AccessLog:
-    """The access lines, one per HTTP request, in the configured format but not through
-    `logging`: a record through it cost ~50 µs of a ~160 µs request (locks, a write per line),
-    this costs a few. Lines are written in batches: after at most 0.5 s, or 200 lines."""
+    """How access lines look and where they go: one line per HTTP request, in the configured
+    format, written in batches (shared/http.py keeps them) and not through `logging`, whose
+    locks and one write per record cost a third of a ~160 µs request."""
 
     def __init__(self) -> None:
         self.enabled = False
         self.json = True
-        self._lines: list[tuple[float, str, str, int, float, str | None]] = []
-        self._flush_scheduled = False
         self._second = -1
         self._second_text = ""
         self._escaped: dict[tuple[str, str], str] = {}  # "METHOD path" as a JSON string body
@@ -147,22 +143,10 @@ class _AccessLog:
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
 
-    def line(self, method: str, path: str, status: int, duration_ms: float) -> None:
-        """Note one request; it is formatted with the others of its batch when they are
-        written, so the request itself pays for a tuple."""
-        self._lines.append((time.time(), method, path, status, duration_ms, request_id.get()))
-        if len(self._lines) >= 200:
-            self.flush()
-        elif not self._flush_scheduled:
-            try:
-                asyncio.get_running_loop().call_later(0.5, self.flush)
-                self._flush_scheduled = True
-            except RuntimeError:  # no event loop: write now
-                self.flush()
-
-    def _format(
+    def format(
         self, now: float, method: str, path: str, status: int, ms: float, rid: str | None
     ) -> str:
+        """One line: `now` is a time.time(), `ms` the duration in milliseconds."""
         if not self.json:
             if not path.isprintable():  # a tab or line break must not break the line
                 path = path.encode("unicode_escape").decode()
@@ -183,16 +167,13 @@ class _AccessLog:
             f'"request_id":"{rid}","status":{status},"duration_ms":{ms}}}'
         )
 
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        lines, self._lines = self._lines, []
+    def write(self, lines: list[str]) -> None:
         if lines:
-            sys.stdout.write("".join(self._format(*line) + "\n" for line in lines))
+            sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
 
 
 access = _AccessLog()
-atexit.register(access.flush)
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -8,7 +8,8 @@ before the process starts (the image does): each worker then writes its numbers 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -93,6 +94,21 @@ DEAD_LETTERS_RECORDED = Counter(
 )
 
 
+# Observations some modules keep and count in batches (the HTTP requests, single-row scores):
+# flush_pending() counts them; shared/http.py calls it with each batch of requests and before
+# /metrics answers.
+_flushes: list[Callable[[], None]] = []
+
+
+def on_flush(flush: Callable[[], None]) -> None:
+    _flushes.append(flush)
+
+
+def flush_pending() -> None:
+    for flush in _flushes:
+        flush()
+
+
 def exposition() -> tuple[bytes, str]:
     """The text to answer /metrics with, and its content type."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -104,20 +120,26 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def http_recorder() -> Callable[[str, str, int, float], None]:
-    """Records one answered request; its labelled children are looked up once each."""
-    counters: dict[tuple[str, str, int], Callable[[], None]] = {}
+def http_recorder() -> Callable[[Iterable[tuple[Any, str, str, Any, int, float, Any]]], None]:
+    """Records a batch of answered requests, as (_, route, method, _, status, seconds, _):
+    one counter increment per distinct (route, method, status), one observation per request."""
+    counters: dict[tuple[str, str, int], Callable[[float], None]] = {}
     durations: dict[str, Callable[[float], None]] = {}
 
-    def record(route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        inc = counters.get(key)
-        if inc is None:
-            inc = counters[key] = HTTP_REQUESTS.labels(route, method, str(status)).inc
-        observe = durations.get(route)
-        if observe is None:
-            observe = durations[route] = HTTP_DURATION.labels(route).observe
-        inc()
-        observe(seconds)
+    def record(entries: Iterable[tuple[Any, str, str, Any, int, float, Any]]) -> None:
+        counts: dict[tuple[str, str, int], int] = {}
+        for _, route, method, _, status, seconds, _ in entries:
+            key = (route, method, status)
+            counts[key] = counts.get(key, 0) + 1
+            observe = durations.get(route)
+            if observe is None:
+                observe = durations[route] = HTTP_DURATION.labels(route).observe
+            observe(seconds)
+        for key, count in counts.items():
+            inc = counters.get(key)
+            if inc is None:
+                route, method, status = key
+                inc = counters[key] = HTTP_REQUESTS.labels(route, method, str(status)).inc
+            inc(count)
 
     return record

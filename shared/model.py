@@ -29,6 +29,36 @@ _count_violations = metrics.PREDICTIONS.labels("violation").inc
 _count_ok = metrics.PREDICTIONS.labels("ok").inc
 
 
+class _SingleRowMetrics:
+    """Single rows scored in plain Python take ~1 µs; their metrics' locks would take twice
+    that. They are noted here and counted in batches: with the HTTP requests' (shared/http.py),
+    before /metrics answers, and every 200 rows."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.violations = 0
+
+    def add(self, seconds: float, violation: bool) -> None:
+        self.seconds.append(seconds)
+        self.violations += violation
+        if len(self.seconds) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        seconds, self.seconds = self.seconds, []
+        violations, self.violations = self.violations, 0
+        for each in seconds:
+            _observe_inference(each)
+        if violations:
+            _count_violations(violations)
+        if len(seconds) > violations:
+            _count_ok(len(seconds) - violations)
+
+
+_single_rows = _SingleRowMetrics()
+metrics.on_flush(_single_rows.flush)
+
+
 @dataclass(frozen=True)
 class Score:
     is_violation: bool
@@ -44,6 +74,9 @@ class Model:
         self.threshold: float = float(metadata["threshold"])
         self._input = metadata.get("input_name", model_contract.INPUT_NAME)
         self._output = metadata.get("output_name", model_contract.PROBABILITY_OUTPUT)
+        # Weights for scoring one row in plain Python; load_model keeps them only if they
+        # give the ONNX graph's answers.
+        self.linear = model_contract.linear_weights(metadata)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Violation probability per row of a (n, len(FEATURES)) float64 matrix."""
@@ -55,6 +88,20 @@ class Model:
         except Exception as error:  # onnxruntime raises its own exception types
             log.exception("model inference failed")
             raise ScoringFailed() from error
+
+    def score_one(self, ad: model_contract.AdLike) -> Score:
+        """One ad: in plain Python when the model is linear, else through onnxruntime."""
+        if self.linear is None:
+            (score,) = self.score([ad])
+            return score
+        started = time.perf_counter()
+        row = model_contract.feature_row(
+            ad.is_verified_seller, ad.images_qty, ad.description, ad.category
+        )
+        probability = model_contract.linear_probability(*self.linear, row)
+        violation = probability >= self.threshold
+        _single_rows.add(time.perf_counter() - started, violation)
+        return Score(violation, probability)
 
     def score(self, ads: Sequence[model_contract.AdLike]) -> list[Score]:
         if not ads:
@@ -104,7 +151,36 @@ def load_model(path: Path) -> Model:
     model = Model(session, metadata)
     # Fail at load, not at the first request, if the graph does not answer as the contract says.
     model.probabilities(np.zeros((1, len(model_contract.FEATURES)), dtype=np.float64))
+    if model.linear is not None:
+        disagreement = linear_disagreement(model, model.linear)
+        if disagreement > LINEAR_TOLERANCE:
+            log.warning(
+                "model.json's linear weights differ from %s by up to %.3g: every row is "
+                "scored with onnxruntime", path.name, disagreement,
+            )  # fmt: skip
+            model.linear = None
     return model
+
+
+# How far the plain-Python score of one row may be from onnxruntime's.
+LINEAR_TOLERANCE = 1e-12
+
+
+def linear_disagreement(model: Model, linear: tuple[tuple[float, ...], float]) -> float:
+    """The largest difference between the linear weights' probability and the ONNX graph's,
+    over rows spread across (and beyond) the range of each feature."""
+    rows = [
+        model_contract.feature_row(verified, images, "x" * length, category)
+        for verified in (False, True)
+        for images in (0, 1, 2, 3, 5, 8, 13, 40)
+        for length in (0, 10, 100, 500, 2000, 10000)
+        for category in (-100, 0, 1, 7, 50, 300)
+    ]
+    expected = model.probabilities(np.asarray(rows, dtype=np.float64))
+    return max(
+        abs(model_contract.linear_probability(*linear, row) - float(probability))
+        for row, probability in zip(rows, expected, strict=True)
+    )
 
 
 # After a failed load, requests are answered 503 at once for this long before loading again,

@@ -6,6 +6,7 @@ so a model trained on other features can never be served silently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -58,6 +59,47 @@ def feature_matrix(ads: Iterable[AdLike]) -> np.ndarray:
         feature_row(ad.is_verified_seller, ad.images_qty, ad.description, ad.category) for ad in ads
     ]
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+
+
+# model.json may describe the model as linear: P(violation) = sigmoid(weights · row + intercept).
+# Serving then scores a single row in plain Python (~1 µs) instead of an onnxruntime call (~30 µs
+# on a busy server, most of it moving one row in and out of tensors); the weights are checked
+# against the ONNX graph when the model loads, and batches always go through onnxruntime.
+LINEAR_KEY = "linear"
+
+
+def linear_metadata(weights: Iterable[float], intercept: float) -> dict[str, Any]:
+    return {"weights": [float(w) for w in weights], "intercept": float(intercept)}
+
+
+def linear_weights(metadata: dict[str, Any]) -> tuple[tuple[float, ...], float] | None:
+    """The weights and intercept of model.json's `linear` entry, or None if it has none (or
+    one of the wrong shape)."""
+    linear = metadata.get(LINEAR_KEY)
+    if not isinstance(linear, dict):
+        return None
+    weights, intercept = linear.get("weights"), linear.get("intercept")
+    if not isinstance(weights, list) or len(weights) != len(FEATURES):
+        return None
+    numbers = [*weights, intercept]
+    if not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
+        return None
+    if not all(math.isfinite(n) for n in numbers):
+        return None
+    return tuple(float(w) for w in weights), float(numbers[-1])
+
+
+def linear_probability(weights: tuple[float, ...], intercept: float, row: list[float]) -> float:
+    """sigmoid(weights · row + intercept), as skl2onnx's graph computes it: both classes'
+    sigmoids, normalized. It agrees with onnxruntime to a few units in the last place (within
+    1e-16 absolute in the tails, where onnxruntime's approximate sigmoid reaches 0 or 1 sooner)."""
+    z = intercept
+    for weight, value in zip(weights, row, strict=True):
+        z += weight * value
+    if not -700.0 < z < 700.0:  # exp() would overflow; the answer is 0 or 1 in float64 anyway
+        return 0.0 if z < 0 else 1.0
+    violation = 1.0 / (1.0 + math.exp(-z))
+    return violation / (violation + 1.0 / (1.0 + math.exp(z)))
 
 
 def contract_metadata() -> dict[str, Any]:

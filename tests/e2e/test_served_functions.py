@@ -84,15 +84,20 @@ def test_served_predict_metrics_add_up_every_worker(served_predict) -> None:
         for _ in range(40):  # new connections: both workers answer some
             with httpx.Client(base_url=base, timeout=10) as one:
                 assert one.post("/predict", content=b"{").status_code == 422
-        text = client.get("/metrics").text
-    samples = [
-        sample
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "moderation_http_requests_total"
-        and sample.labels == {"route": "/predict", "method": "POST", "status": "422"}
-    ]
-    assert sum(sample.value for sample in samples) == 40
+
+        def counted() -> float:
+            text = client.get("/metrics").text
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "moderation_http_requests_total"
+                and sample.labels == {"route": "/predict", "method": "POST", "status": "422"}
+            )
+
+        # The worker answering /metrics counts its own requests at once, the other within 0.5 s.
+        wait_for(lambda: counted() == 40 or None, 5, "40 requests counted across both workers")
+        assert counted() == 40
 
 
 def test_served_predict_stops_on_sigterm(served_predict) -> None:

@@ -225,10 +225,12 @@ def test_predict_internal_scoring_error_is_500_without_a_stack_trace(
             raise RuntimeError("ORT exploded at /secret/path")
 
     monkeypatch.setattr(loaded, "_session", BrokenSession())
-    response = client.post("/predict", json=AD)
-    assert response.status_code == 500
-    assert "error" in response.json()["detail"].lower()
-    assert "secret" not in response.text
+    monkeypatch.setattr(loaded, "linear", None)  # single ads through onnxruntime too
+    for path, body in (("/predict", AD), ("/predict/batch", {"items": [AD, AD]})):
+        response = client.post(path, json=body)
+        assert response.status_code == 500
+        assert "error" in response.json()["detail"].lower()
+        assert "secret" not in response.text
 
 
 @pytest.mark.parametrize("target", ["predict", "async_predict", "get_result"])

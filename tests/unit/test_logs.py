@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -74,14 +75,8 @@ def test_once_per_problem_holds_back_repeats_that_differ_only_in_numbers() -> No
 def test_access_line_is_one_json_object_with_the_path_escaped(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    logs.access.flush()  # lines other tests left waiting for their (closed) event loop
-    capsys.readouterr()
     logs.access.json = True
-    token = logs.request_id.set("r-9")
-    try:
-        logs.access.line("POST", '/predict"\\\n', 422, 1.25)  # no loop running: written at once
-    finally:
-        logs.request_id.reset(token)
+    logs.access.write([logs.access.format(time.time(), "POST", '/predict"\\\n', 422, 1.25, "r-9")])
     entry = json.loads(capsys.readouterr().out)
     assert entry["message"] == 'POST /predict"\\\n 422 1.25ms'
     assert entry["request_id"] == "r-9" and entry["status"] == 422

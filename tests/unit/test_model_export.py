@@ -30,6 +30,7 @@ from model_export import (
 )
 from model_export import exporter as exporter_module
 from model_export.__main__ import main
+from shared.model import LINEAR_TOLERANCE, linear_disagreement, load_model
 from shared.model_contract import (
     DEFAULT_THRESHOLD,
     FEATURES,
@@ -37,6 +38,7 @@ from shared.model_contract import (
     PROBABILITY_OUTPUT,
     contract_mismatch,
     feature_row,
+    linear_weights,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,6 +169,10 @@ def test_shipped_default_model_matches_default_training(default_onnx: bytes) -> 
         )
         fresh_tensor.CopyFrom(shipped_tensor)
     assert fresh_model.SerializeToString() == shipped_onnx
+    # Its linear weights are the graph's own, so serving scores single rows with them.
+    served = load_model(shipped / "model.onnx")
+    assert served.linear is not None
+    assert linear_disagreement(served, served.linear) <= LINEAR_TOLERANCE
 
 
 # --- reference ads ----------------------------------------------------------------------
@@ -255,6 +261,11 @@ def test_export_writes_model_and_valid_metadata(tmp_path: Path) -> None:
         "numpy",
     }
     assert all(metadata["libraries"].values())
+    # Single rows are scored with these weights once load_model has checked them.
+    assert load_model(result.onnx_path).linear == linear_weights(metadata)
+    assert metadata["linear"]["weights"] == pytest.approx(
+        train_default().model.coef_[0].tolist(), abs=1e-12
+    )
     assert datetime.fromisoformat(metadata["created_at"]).utcoffset() == timedelta(0)
     assert metadata["metrics"]["roc_auc"] > 0.9
     # No temp files left behind.
