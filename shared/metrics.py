@@ -37,7 +37,7 @@ HTTP_DURATION = Histogram(
 )
 INFERENCE = Histogram(
     "moderation_inference_seconds",
-    "Time of one model call (a row or a batch)",
+    "Time of one onnxruntime call (a batch, or a row of a model that is not linear)",
     buckets=(0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.25),
 )
 PREDICTIONS = Counter(
