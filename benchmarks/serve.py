@@ -303,6 +303,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SHORT = {
+    "predict": "predict\n(this project)",
+    "floor": "floor\n(constant reply)",
+    "fastapi_pickle": "FastAPI +\npickled sklearn",
+}
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -310,7 +317,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     single = [v for v in VARIANTS if v.body == "ad"]
-    labels = [v.label.replace(": ", ":\n").replace(" + ", " +\n") for v in single]
+    labels = [_SHORT[v.name] for v in single]
     runs = report["runs_by_variant"]
     figure, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     panels = (
