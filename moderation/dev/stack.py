@@ -134,6 +134,7 @@ class DevStack:
 
     def start(self) -> None:
         if not port_is_free(self.host, self.port):
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # still empty: nothing to keep
             raise RuntimeError(f"port {self.port} is in use: stop what serves it, or set PORT")
         if self.database_url is None:
             # A data directory of its own, deleted on stop: the dev database is throwaway.
