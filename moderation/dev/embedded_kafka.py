@@ -145,6 +145,11 @@ class EmbeddedKafka:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self.is_running() and self._process else None
+
     def start(self) -> str:
         """Start the broker (again) and wait until it answers a metadata request.
 
