@@ -10,6 +10,7 @@ cold `/predict` never needs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,15 +88,27 @@ async def get_pool() -> AsyncConnectionPool:
 
 
 @asynccontextmanager
-async def connection() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection; any loss of the database surfaces as DatabaseUnavailable."""
+async def connection(autocommit: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection; any loss of the database surfaces as DatabaseUnavailable.
+
+    autocommit: each statement commits by itself, with no BEGIN and COMMIT round trips (for a
+    block of one statement, which is atomic on its own)."""
     import psycopg
     from psycopg_pool import PoolTimeout
 
     pool = await get_pool()
     try:
         async with pool.connection() as conn:
-            yield conn
+            if not autocommit:
+                yield conn
+                return
+            await conn.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                # A connection that cannot be switched back is broken: the pool discards it.
+                with contextlib.suppress(psycopg.Error):
+                    await conn.set_autocommit(False)
     except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as error:
         log.warning("database is not available: %s", type(error).__name__)
         raise DatabaseUnavailable() from error

@@ -36,6 +36,16 @@ FROM moderation_results WHERE id = %s
 """
 
 
+_GET_TASK_BY_KEY = _GET_TASK.replace("WHERE id = %s", "WHERE idempotency_key = %s")
+
+
+async def get_task_by_key(
+    conn: psycopg.AsyncConnection[Any], idempotency_key: str
+) -> dict[str, Any] | None:
+    cursor = await conn.execute(_GET_TASK_BY_KEY, (idempotency_key,))
+    return await cursor.fetchone()
+
+
 async def insert_task(
     conn: psycopg.AsyncConnection[Any], item_id: int, idempotency_key: str | None
 ) -> tuple[int, bool]:
@@ -102,6 +112,50 @@ async def fail_task(
         (error_message, attempts, task_id),
     )
     return cursor.rowcount == 1
+
+
+_ACCEPT = """
+WITH task AS (
+    INSERT INTO moderation_results (item_id, idempotency_key)
+    SELECT %(item_id)s, %(idempotency_key)s
+    WHERE EXISTS (SELECT 1 FROM advertisements WHERE id = %(item_id)s)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+)
+INSERT INTO outbox (task_id, topic, key, payload, headers)
+SELECT id, %(topic)s, %(key)s,
+    jsonb_set(%(payload)s, '{task_id}', to_jsonb(id)),
+    jsonb_set(%(headers)s, '{ce_id}', to_jsonb(id::text))
+FROM task
+RETURNING id, task_id
+"""
+
+
+async def accept_task(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    item_id: int,
+    idempotency_key: str | None,
+    topic: str,
+    key: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+) -> tuple[int, int] | None:
+    """A new pending task and its outbox row in one statement (one round trip, atomic on its
+    own): (task id, outbox id). The task id goes into the payload's `task_id` and the headers'
+    `ce_id`. None when it made nothing: the ad does not exist, or the idempotency key is taken.
+    """
+    from psycopg.types.json import Jsonb
+
+    cursor = await conn.execute(
+        _ACCEPT,
+        {
+            "item_id": item_id, "idempotency_key": idempotency_key, "topic": topic, "key": key,
+            "payload": Jsonb(payload), "headers": Jsonb(headers),
+        },
+    )  # fmt: skip
+    row = await cursor.fetchone()
+    return None if row is None else (int(row["task_id"]), int(row["id"]))
 
 
 async def insert_outbox(

@@ -1,15 +1,18 @@
-"""Asynchronous moderation: accept a task (task + outbox in one transaction), read its result,
+"""Asynchronous moderation: accept a task (task + outbox in one statement), read its result,
 and relay outbox rows that were not published right after their commit."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 
 from shared import db, metrics, repository
 from shared.config import get_settings
-from shared.errors import BrokerUnavailable, ItemNotFound, TaskNotFound
+from shared.errors import BrokerUnavailable, IdempotencyConflict, ItemNotFound, TaskNotFound
 from shared.kafka import get_publisher
 from shared.messages import SOURCE_ACCEPTED, Record, cloudevent_headers, moderation_payload
 from shared.schemas import TaskAccepted, TaskReplay, TaskResult
@@ -17,53 +20,107 @@ from shared.schemas import TaskAccepted, TaskReplay, TaskResult
 log = logging.getLogger(__name__)
 
 
-async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccepted:
+async def accept(
+    item_id: int, idempotency_key: str | None = None, retried: bool = False
+) -> TaskAccepted:
     """The commit is the promise: once it returns, the task reaches completed or failed.
 
-    A key used before gives that task as it is now (a TaskReplay), and nothing new."""
+    The task and its outbox row are made by one statement (one round trip); the record is then
+    published in the background, so the answer does not wait for the broker. A record that is
+    not delivered is the relay's to publish. A key used before gives that task as it is now (a
+    TaskReplay), and nothing new."""
     settings = get_settings()
-    async with db.connection() as conn, conn.transaction():
-        if not await repository.ad_exists(conn, item_id):
-            raise ItemNotFound()
-        task_id, created = await repository.insert_task(conn, item_id, idempotency_key)
-        if not created:
-            task = await repository.get_task(conn, task_id)
-            assert task is not None, "the task of a known key exists"
-            return TaskReplay(
-                task_id=task_id,
-                status=task["status"],
-                is_violation=task["is_violation"],
-                probability=task["probability"],
-                error_message=task["error_message"],
-            )
-        if created:
-            payload = moderation_payload(item_id, task_id)
-            headers = cloudevent_headers(task_id, SOURCE_ACCEPTED)
-            outbox_id = await repository.insert_outbox(
-                conn,
-                task_id=task_id,
-                topic=settings.moderation_topic,
-                key=str(item_id),
-                payload=payload,
-                headers=headers,
-            )
-    if created:
-        record = Record(settings.moderation_topic, str(item_id), orjson.dumps(payload), headers)
-        await _publish_now(outbox_id, record)
+    payload = moderation_payload(item_id, None)  # the statement puts the task id in both
+    headers = cloudevent_headers("", SOURCE_ACCEPTED)
+    async with db.connection(autocommit=True) as conn:
+        made = await repository.accept_task(
+            conn, item_id=item_id, idempotency_key=idempotency_key,
+            topic=settings.moderation_topic, key=str(item_id), payload=payload, headers=headers,
+        )  # fmt: skip
+    if made is None:
+        return await _replay(item_id, idempotency_key, retried)
+    task_id, outbox_id = made
+    payload["task_id"], headers["ce_id"] = task_id, str(task_id)
+    record = Record(settings.moderation_topic, str(item_id), orjson.dumps(payload), headers)
+    _in_background(_publish_now(outbox_id, record))
     return TaskAccepted(task_id=task_id)
+
+
+async def _replay(item_id: int, idempotency_key: str | None, retried: bool) -> TaskAccepted:
+    """Why the accept made nothing: no such ad (404), or the key names an earlier task: that
+    task as it is now, or 409 if it was for another ad."""
+    async with db.connection() as conn:
+        exists = await repository.ad_exists(conn, item_id)
+        task = await repository.get_task_by_key(conn, idempotency_key) if idempotency_key else None
+    if not exists:
+        raise ItemNotFound()
+    if task is None:  # the ad was stored since the statement ran: accepted now
+        if retried:
+            raise ItemNotFound()  # (cannot happen twice; never loop)
+        return await accept(item_id, idempotency_key, retried=True)
+    if task["item_id"] != item_id:
+        raise IdempotencyConflict()
+    return TaskReplay(
+        task_id=task["task_id"],
+        status=task["status"],
+        is_violation=task["is_violation"],
+        probability=task["probability"],
+        error_message=task["error_message"],
+    )
+
+
+# Background work of the accept path, referenced until it ends (the loop keeps weak ones).
+_running: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
 
 
 async def _publish_now(outbox_id: int, record: Record) -> None:
     """Best effort right after commit; anything that goes wrong is left to the relay."""
     settings = get_settings()
     try:
-        publisher = get_publisher()
-        (delivered,) = await publisher.publish([record], settings.publish_wait_seconds)
-        if delivered:
-            async with db.connection() as conn:
-                await repository.mark_published(conn, [outbox_id])
+        (delivered,) = await get_publisher().publish([record], settings.publish_wait_seconds)
     except Exception as error:  # the task is committed; the relay will publish it
         log.warning("outbox row %s left for the relay: %s", outbox_id, error)
+        return
+    if delivered:
+        _published.add(outbox_id)
+
+
+class _PublishedMarks:
+    """Outbox rows delivered right after their commit, marked published together: one UPDATE
+    for all that were delivered in the last 20 ms, not a transaction per task. A mark that is
+    lost (the database is down, the process stops) costs one more publish by the relay, which
+    the consumer ignores."""
+
+    LINGER_SECONDS = 0.02
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def add(self, outbox_id: int) -> None:
+        self._ids.append(outbox_id)
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
+            self._writer = loop.create_task(self._write())
+
+    async def _write(self) -> None:
+        await asyncio.sleep(self.LINGER_SECONDS)
+        while self._ids:
+            ids, self._ids = self._ids, []
+            try:
+                async with db.connection(autocommit=True) as conn:
+                    await repository.mark_published(conn, ids)
+            except Exception as error:  # the relay publishes these rows once more
+                log.warning("%d outbox rows not marked published: %s", len(ids), error)
+
+
+_published = _PublishedMarks()
 
 
 async def result(task_id: int) -> TaskResult:

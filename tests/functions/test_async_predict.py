@@ -14,6 +14,7 @@ from moderation import relay
 from shared import db, tasks
 from shared.config import get_settings
 from tests.conftest import Topics, insert_ad
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,9 @@ def test_async_predict_accepts_stored_item_and_publishes_one_seed_format_record(
         "message": "Moderation request accepted",
     }
     task_id = body["task_id"]
-    assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, True)]
+    # Published after the answer, and marked so within moments.
+    published = [(kafka_topics.moderation, True)]
+    wait_for(lambda: outbox_rows(database_url, task_id) == published or None, 10, "marked")
 
     (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
     value = orjson.loads(record.value())
@@ -364,3 +367,24 @@ def test_async_predict_request_id_is_answered_and_travels_in_the_record(
     assert response.headers["x-request-id"] == "req-42"
     (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
     assert dict(record.headers())["ce_requestid"] == b"req-42"
+
+
+def test_an_ad_stored_while_the_accept_ran_is_accepted_on_the_second_try(
+    accept: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-statement accept makes nothing when it does not see the ad; if the ad is there
+    when the reason is looked up, it is accepted once more, not refused."""
+    from shared import repository
+
+    ad = insert_ad(database_url)
+    real = repository.accept_task
+    calls: list[int] = []
+
+    async def missed_once(*args: object, **kwargs: object) -> tuple[int, int] | None:
+        calls.append(1)
+        return None if len(calls) == 1 else await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "accept_task", missed_once)
+    response = accept.post("/async_predict", params={"item_id": ad["item_id"]})
+    assert response.status_code == 200 and len(calls) == 2
+    assert outbox_rows(database_url, response.json()["task_id"])  # with its outbox row
