@@ -1,4 +1,5 @@
-"""Single-row inference: onnxruntime (serving) vs scikit-learn predict_proba (the original).
+"""Single-row inference: how serving scores one ad (plain Python from the linear weights), one
+onnxruntime call, and scikit-learn's predict_proba (the original), in a tight loop.
 
 python -m benchmarks.inference [--rows 20000]
 """
@@ -41,6 +42,7 @@ def main(rows: int) -> None:
         onnx_model.probabilities(features), sklearn_model.predict_proba(features)[:, 1]
     )
     results = {
+        "serving one ad (score_one)": per_call_us(lambda: onnx_model.score_one(AD), rows),
         "onnxruntime, features + run": per_call_us(lambda: onnx_model.score([AD]), rows),
         "onnxruntime, run only": per_call_us(lambda: onnx_model.probabilities(features), rows),
         "scikit-learn predict_proba": per_call_us(

@@ -53,6 +53,8 @@ async def generate(url: str, body: bytes, connections: int, seconds: float) -> d
     await asyncio.gather(
         *(_connection(host, port, request, until, latencies, statuses) for _ in range(connections))
     )
+    if not latencies:
+        return {"requests": 0, "non_2xx": 0, "p50_ms": 0.0, "p99_ms": 0.0}
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {
         "requests": len(latencies),

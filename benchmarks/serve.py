@@ -43,6 +43,8 @@ AD = {
     "description": "Test Description", "category": 1, "images_qty": 0,
 }  # fmt: skip
 FLOOR = REPO_ROOT / "benchmarks/floor/main.py"
+BASELINE = "benchmarks.baseline_fastapi.main:app"
+BARE_ASGI = "benchmarks.floor.asgi:app"
 BATCH_ITEMS = 1000
 SERVER_CPU, CLIENT_CPU = "0", "1"
 _JSON = {"Content-Type": "application/json"}
@@ -74,9 +76,9 @@ def _framework(source: Path) -> Callable[[int], list[str]]:
     ]  # fmt: skip
 
 
-def _uvicorn(port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "benchmarks.baseline_fastapi.main:app",
+def _uvicorn(app: str) -> Callable[[int], list[str]]:
+    return lambda port: [
+        sys.executable, "-m", "uvicorn", app,
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
 
@@ -88,7 +90,8 @@ def _predict(port: int) -> list[str]:
 VARIANTS = (
     Variant("predict", "functions/predict (ONNX)", _predict),
     Variant("floor", "floor: aio function, constant reply", _framework(FLOOR)),
-    Variant("fastapi_pickle", "FastAPI + pickled scikit-learn", _uvicorn),
+    Variant("fastapi_pickle", "FastAPI + pickled scikit-learn", _uvicorn(BASELINE)),
+    Variant("asgi", "bare ASGI app under uvicorn, constant reply", _uvicorn(BARE_ASGI)),
     Variant(
         "predict_batch", "functions/predict /predict/batch", _predict, "/predict/batch", "batch"
     ),
@@ -113,6 +116,12 @@ def worker_rss_mb(process: psutil.Process) -> float:
     return max(each.memory_info().rss for each in leaves) / 2**20
 
 
+def tree_uss_mb(process: psutil.Process) -> float:
+    """Memory the server's processes hold of their own (gunicorn's master and worker, or
+    uvicorn's one process), shared library pages not counted twice."""
+    return sum(each.memory_full_info().uss for each in _tree(process)) / 2**20
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -132,9 +141,12 @@ def _wrk(url: str, body: Path, connections: int, seconds: int, script: Path) -> 
     latency = {
         pct: float(value) * _UNIT_MS[unit] for pct, value, unit in _WRK_LATENCY.findall(output)
     }
+    # "Socket errors: connect 0, read 0, write 0, timeout 3": failed requests too.
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     return {
         "requests": int(summary.split()[0]),
-        "non_2xx": sum(int(line.split()[-1]) for line in output.splitlines() if "Non-2xx" in line),
+        "non_2xx": errors
+        + sum(int(line.split()[-1]) for line in output.splitlines() if "Non-2xx" in line),
         "p50_ms": latency["50"],
         "p99_ms": latency["99"],
     }
@@ -192,11 +204,14 @@ class Bench:
         body_path = self.bodies[variant.body]
         script = body_path.with_suffix(".lua")
         log = self.workdir / f"{variant.name}.log"
+        # Metrics in files, as the image runs them (prometheus-client's multiprocess mode).
+        metrics_dir = Path(tempfile.mkdtemp(dir=self.workdir))
+        env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         started = time.perf_counter()
         with log.open("wb") as log_file:
             server = subprocess.Popen(
                 ["taskset", "-c", SERVER_CPU, *variant.command(port)],
-                env=self.env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log_file,
+                env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log_file,
             )  # fmt: skip
         try:
             wait_first_200(url, body_path.read_bytes(), server, log)
@@ -206,7 +221,9 @@ class Bench:
             if self.warmup:
                 self.generate(url, body_path, self.connections, self.warmup, script)
             cpu_before, client_before = cpu_seconds(process), _children_cpu()
+            window = time.perf_counter()
             result = self.generate(url, body_path, self.connections, self.seconds, script)
+            window = time.perf_counter() - window  # with the generator's start and exit
             server_cpu = cpu_seconds(process) - cpu_before
             client_cpu = _children_cpu() - client_before
             rows = BATCH_ITEMS if variant.body == "batch" else 1
@@ -216,12 +233,13 @@ class Bench:
                 "p50_ms": result["p50_ms"],
                 "p99_ms": result["p99_ms"],
                 "cpu_us": server_cpu / max(result["requests"], 1) * 1e6,
-                "server_cpu_share": server_cpu / self.seconds,
-                "client_cpu_share": client_cpu / self.seconds,
+                "server_cpu_share": server_cpu / window,
+                "client_cpu_share": client_cpu / window,
                 "non_2xx": result["non_2xx"],
                 "cold_start_s": cold_start,
                 "rss_first_mb": rss_first,
                 "rss_after_mb": worker_rss_mb(process),
+                "tree_uss_mb": tree_uss_mb(process),
             }
         finally:
             server.terminate()
@@ -269,9 +287,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], in_process: list[float]) ->
 
 
 def limit_of(result: dict[str, float]) -> str:
-    if result["server_cpu_share"] >= SATURATED:
-        return "server"
-    return "load generator" if result["client_cpu_share"] >= SATURATED else "neither"
+    server, client = (result[key] >= SATURATED for key in ("server_cpu_share", "client_cpu_share"))
+    if server and client:
+        return "both (rerun with fewer connections)"
+    return "server" if server else "load generator" if client else "neither"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -281,8 +300,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['connections']} connections; medians of {report['runs']} alternating runs.",
         "",
         "| variant | req/s | p50 ms | p99 ms | server CPU µs/req | cold start s"
-        " | worker RSS MB (first → after) | CPU used: server / generator | limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        " | worker RSS MB (first → after) | all its processes, USS MB"
+        " | CPU used: server / generator | limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for variant in VARIANTS:
         m = report["medians"][variant.name]
@@ -290,7 +310,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {variant.label} | {rate} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f}"
             f" | {m['cpu_us']:.0f} | {m['cold_start_s']:.2f}"
-            f" | {m['rss_first_mb']:.0f} → {m['rss_after_mb']:.0f}"
+            f" | {m['rss_first_mb']:.0f} → {m['rss_after_mb']:.0f} | {m['tree_uss_mb']:.0f}"
             f" | {m['server_cpu_share']:.0%} / {m['client_cpu_share']:.0%} | {limit_of(m)} |"
         )
     lines += ["", "| goal | measured | target | met |", "|---|---:|---:|---|"]
@@ -307,6 +327,7 @@ _SHORT = {
     "predict": "predict\n(this project)",
     "floor": "floor\n(constant reply)",
     "fastapi_pickle": "FastAPI +\npickled sklearn",
+    "asgi": "bare ASGI\n(uvicorn)",
 }
 
 
@@ -330,7 +351,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.bar(
             labels,
             [statistics.median(each) for each in values],
-            color=["#3b7dd8", "#9aa5b1", "#d8823b"],
+            color=["#3b7dd8", "#9aa5b1", "#d8823b", "#c9ced4"],
         )
         for x, each in enumerate(values):  # every run, so the spread shows
             axis.scatter([x] * len(each), each, color="black", s=8, zorder=3)

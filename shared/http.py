@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import re
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,17 +71,19 @@ class Raw:
 class _Answered:
     """The requests this process answered, kept for a moment, then counted in the metrics and
     written as access lines together: 0.5 s after the first of a batch, every 200 requests,
-    before /metrics answers, and at exit. A request pays for appending a tuple; the metrics'
-    locks and the write of the lines are paid once per batch (together ~10 % of a `/predict`
-    when each request paid for its own)."""
+    before /metrics answers, and at once from SIGTERM / SIGINT on (uvicorn ends a worker by
+    raising the signal again once it has drained, so `atexit` never runs there). A request pays
+    for appending a tuple; the metrics' locks and the write of the lines are paid once per batch
+    (together ~10 % of a `/predict` when each request paid for its own)."""
 
     FLUSH_AFTER_SECONDS = 0.5
     FLUSH_AT = 200
 
     def __init__(self) -> None:
         self._entries: list[tuple[float, str, str, str, int, float, str]] = []
-        # Access lines need wall-clock times; requests note time.perf_counter().
-        self._wall_minus_perf = time.time() - time.perf_counter()
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._signals_hooked = False
+        self.draining = False
         self._record = metrics.http_recorder()
 
     def add(
@@ -87,26 +92,58 @@ class _Answered:
         """One answered request; `started` is its time.perf_counter() at arrival."""
         entries = self._entries
         entries.append((started, route, method, path, status, time.perf_counter() - started, rid))
-        if len(entries) == 1:  # the first of a batch: it is written 0.5 s from now at the latest
-            try:
-                asyncio.get_running_loop().call_later(self.FLUSH_AFTER_SECONDS, self.flush)
-            except RuntimeError:  # no event loop: now
-                self.flush()
-        elif len(entries) >= self.FLUSH_AT:
+        if len(entries) >= self.FLUSH_AT or self.draining:
             self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: now
+            self.flush()
+            return
+        if loop is not self._timer_loop:  # none pending on this loop (a closed one never fires)
+            loop.call_later(self.FLUSH_AFTER_SECONDS, self.flush)
+            self._timer_loop = loop
+            if not self._signals_hooked:
+                self._hook_signals(loop)
+
+    def _hook_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush when the server is told to stop, then let its own handler have the signal."""
+        self._signals_hooked = True
+        if threading.current_thread() is not threading.main_thread():
+            return  # (a test client's loop thread: its process ends with atexit)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue  # no server handler to pass it on to: atexit covers a plain exit
+
+            def on_signal(number: int, frame: Any, previous: Any = previous) -> None:
+                self.draining = True  # requests still in flight are written as they end
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(self.flush)
+                previous(number, frame)
+
+            signal.signal(signum, on_signal)
 
     def flush(self) -> None:
-        metrics.flush_pending()
+        self._timer_loop = None
         entries, self._entries = self._entries, []
-        if not entries:
-            return
-        self._record(entries)
-        if logs.access.enabled:
-            line, wall = logs.access.format, self._wall_minus_perf
-            logs.access.write(
-                [line(started + wall, method, path, status, round(seconds * 1e3, 2), rid)
-                 for started, _, method, path, status, seconds, rid in entries]
-            )  # fmt: skip
+        try:
+            metrics.flush_pending()
+            if not entries:
+                return
+            self._record(entries)
+            if logs.access.enabled:
+                # Stamped with the time each request ended; the clock is read now, so a step
+                # of the system clock shows in the next batch.
+                wall = time.time() - time.perf_counter()
+                line = logs.access.format
+                logs.access.write(
+                    [line(started + seconds + wall, method, path, status,
+                          round(seconds * 1e3, 2), rid)
+                     for started, _, method, path, status, seconds, rid in entries]
+                )  # fmt: skip
+        except Exception:  # a closed stdout must not fail the request that flushed
+            log.exception("%d requests could not be counted or logged", len(entries))
 
 
 answered = _Answered()
@@ -280,13 +317,16 @@ async def read_body(request: Request) -> bytes:
                 break  # not a length (servers refuse those): counted as it arrives
             if int(value) > limit:
                 raise PayloadTooLarge()
-            return await request.body()  # the server delivers exactly the declared length
-    body = bytearray()  # chunked: counted as it arrives
+            body = await request.body()  # uvicorn delivers the declared length, no more
+            if len(body) > limit:  # (a server that does not)
+                raise PayloadTooLarge()
+            return body
+    received = bytearray()  # chunked: counted as it arrives
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        received += chunk
+        if len(received) > limit:
             raise PayloadTooLarge()
-    return bytes(body)
+    return bytes(received)
 
 
 def parse(model: type[Model], data: bytes | dict[str, Any], where: str = "body") -> Model:

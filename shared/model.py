@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -97,6 +98,11 @@ class Model:
             ad.is_verified_seller, ad.images_qty, ad.description, ad.category
         )
         probability = model_contract.linear_probability(*self.linear, row)
+        # Where rounding could put it on the other side of the threshold than onnxruntime
+        # would (or it cannot be promised at all), onnxruntime decides.
+        if probability is None or abs(probability - self.threshold) <= NEAR_THRESHOLD:
+            (score,) = self.score([ad])
+            return score
         violation = probability >= self.threshold
         _single_rows.add(violation)
         return Score(violation, probability)
@@ -149,9 +155,14 @@ def load_model(path: Path) -> Model:
     model = Model(session, metadata)
     # Fail at load, not at the first request, if the graph does not answer as the contract says.
     model.probabilities(np.zeros((1, len(model_contract.FEATURES)), dtype=np.float64))
+    if model_contract.LINEAR_KEY in metadata and model.linear is None:
+        log.warning(
+            "model.json's %r entry is not %d finite weights and an intercept: every row is "
+            "scored with onnxruntime", model_contract.LINEAR_KEY, len(model_contract.FEATURES),
+        )  # fmt: skip
     if model.linear is not None:
         disagreement = linear_disagreement(model, model.linear)
-        if disagreement > LINEAR_TOLERANCE:
+        if not disagreement <= LINEAR_TOLERANCE:  # also NaN
             log.warning(
                 "model.json's linear weights differ from %s by up to %.3g: every row is "
                 "scored with onnxruntime", path.name, disagreement,
@@ -160,13 +171,15 @@ def load_model(path: Path) -> Model:
     return model
 
 
-# How far the plain-Python score of one row may be from onnxruntime's.
+# How far the plain-Python score of one row may be from onnxruntime's, and how close to the
+# threshold a score must be for onnxruntime to decide instead.
 LINEAR_TOLERANCE = 1e-12
+NEAR_THRESHOLD = 1e-9
 
 
 def linear_disagreement(model: Model, linear: tuple[tuple[float, ...], float]) -> float:
     """The largest difference between the linear weights' probability and the ONNX graph's,
-    over rows spread across (and beyond) the range of each feature."""
+    over a grid of ordinary ads (rows beyond LINEAR_MAX_TERMS go to onnxruntime anyway)."""
     rows = [
         model_contract.feature_row(verified, images, "x" * length, category)
         for verified in (False, True)
@@ -175,10 +188,12 @@ def linear_disagreement(model: Model, linear: tuple[tuple[float, ...], float]) -
         for category in (-100, 0, 1, 7, 50, 300)
     ]
     expected = model.probabilities(np.asarray(rows, dtype=np.float64))
-    return max(
-        abs(model_contract.linear_probability(*linear, row) - float(probability))
-        for row, probability in zip(rows, expected, strict=True)
-    )
+    differences = []
+    for row, probability in zip(rows, expected, strict=True):
+        ours = model_contract.linear_probability(*linear, row)
+        if ours is not None:
+            differences.append(abs(ours - float(probability)))
+    return max(differences, default=0.0) if all(d == d for d in differences) else math.nan
 
 
 # After a failed load, requests are answered 503 at once for this long before loading again,

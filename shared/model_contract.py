@@ -62,8 +62,8 @@ def feature_matrix(ads: Iterable[AdLike]) -> np.ndarray:
 
 
 # model.json may describe the model as linear: P(violation) = sigmoid(weights · row + intercept).
-# Serving then scores a single row in plain Python (~1 µs) instead of an onnxruntime call (~30 µs
-# on a busy server, most of it moving one row in and out of tensors); the weights are checked
+# Serving then scores a single row in plain Python (~1 µs) instead of through onnxruntime (its
+# numpy matrix, run and result cost a busy server ~60 µs a request); the weights are checked
 # against the ONNX graph when the model loads, and batches always go through onnxruntime.
 LINEAR_KEY = "linear"
 
@@ -84,19 +84,36 @@ def linear_weights(metadata: dict[str, Any]) -> tuple[tuple[float, ...], float] 
     numbers = [*weights, intercept]
     if not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
         return None
-    if not all(math.isfinite(n) for n in numbers):
+    try:
+        floats = [float(n) for n in numbers]  # an int beyond float's range overflows here
+    except OverflowError:
         return None
-    return tuple(float(w) for w in weights), float(numbers[-1])
+    if not all(math.isfinite(n) for n in floats):
+        return None
+    return tuple(floats[:-1]), floats[-1]
 
 
-def linear_probability(weights: tuple[float, ...], intercept: float, row: list[float]) -> float:
-    """sigmoid(weights · row + intercept), as skl2onnx's graph computes it: both classes'
-    sigmoids, normalized. It agrees with onnxruntime to a few units in the last place (within
-    1e-16 absolute in the tails, where onnxruntime's approximate sigmoid reaches 0 or 1 sooner)."""
-    z = intercept
+# The plain-Python score is trusted only where float64 rounding cannot move it: with terms this
+# large, the sum's order (ours, or onnxruntime's matrix product) changes z by more than 1e-13.
+LINEAR_MAX_TERMS = 1e3
+
+
+def linear_probability(
+    weights: tuple[float, ...], intercept: float, row: list[float]
+) -> float | None:
+    """sigmoid(weights · row + intercept) as skl2onnx's graph computes it (both classes'
+    sigmoids, normalized), within 1e-12 of onnxruntime's answer; None where that cannot be
+    promised (terms beyond LINEAR_MAX_TERMS, or not finite): such a row goes to onnxruntime."""
+    z = 0.0
+    magnitude = abs(intercept)
     for weight, value in zip(weights, row, strict=True):
-        z += weight * value
-    if not -700.0 < z < 700.0:  # exp() would overflow; the answer is 0 or 1 in float64 anyway
+        term = weight * value
+        z += term
+        magnitude += abs(term)
+    if not magnitude <= LINEAR_MAX_TERMS:  # also NaN
+        return None
+    z += intercept  # after the dot product, as the graph adds it
+    if not -700.0 < z < 700.0:  # exp() would overflow; it is 0 or 1 in float64 anyway
         return 0.0 if z < 0 else 1.0
     violation = 1.0 / (1.0 + math.exp(-z))
     return violation / (violation + 1.0 / (1.0 + math.exp(z)))

@@ -43,9 +43,13 @@ def served_predict(
         **os.environ,
         "DATABASE_URL": postgres_url,
         "WORKERS": "2",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),  # as the image sets it
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # as the image sets it
     }
-    process = subprocess.Popen(function_command("predict", port), env=env, cwd=REPO_ROOT)
+    (tmp_path / "metrics").mkdir()
+    with (tmp_path / "stdout.log").open("wb") as stdout:
+        process = subprocess.Popen(
+            function_command("predict", port), env=env, cwd=REPO_ROOT, stdout=stdout
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: process.poll() is not None or _health(base), 30, "predict to serve")
@@ -100,10 +104,28 @@ def test_served_predict_metrics_add_up_every_worker(served_predict) -> None:
         assert counted() == 40
 
 
-def test_served_predict_stops_on_sigterm(served_predict) -> None:
-    _, process = served_predict
+def test_served_predict_stops_on_sigterm_with_its_last_requests_counted_and_logged(
+    served_predict, tmp_path: Path
+) -> None:
+    """Metrics and access lines are written in batches; SIGTERM writes what is pending (the
+    worker ends by the signal, without running atexit)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    base, process = served_predict
+    for number in range(3):
+        answer = httpx.post(f"{base}/predict", json=AD, headers={"X-Request-ID": f"last-{number}"})
+        assert answer.status_code == 200
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) is not None
+    assert process.wait(timeout=15) == 0
+    log = (tmp_path / "stdout.log").read_text()
+    for number in range(3):
+        assert f'"request_id":"last-{number}","status":200' in log
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path / "metrics"))
+    counted = registry.get_sample_value(
+        "moderation_http_requests_total", {"route": "/predict", "method": "POST", "status": "200"}
+    )
+    assert counted == 3
 
 
 def test_served_predict_answers_a_request_in_flight_at_sigterm(served_predict) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -145,6 +148,20 @@ def test_predict_batch_over_the_limit_is_413(client: TestClient) -> None:
 def test_predict_body_over_one_mebibyte_is_413(client: TestClient) -> None:
     huge = {**AD, "description": "x" * (1024 * 1024 + 1)}
     assert client.post("/predict", json=huge).status_code == 413
+
+
+def test_predict_body_size_is_checked_whether_declared_or_chunked(client: TestClient) -> None:
+    body = json.dumps(AD).encode()
+    huge = json.dumps({**AD, "description": "x" * (1024 * 1024 + 1)}).encode()
+
+    def chunks(data: bytes) -> Iterator[bytes]:  # no Content-Length: sent chunked
+        yield from (data[i : i + 65536] for i in range(0, len(data), 65536))
+
+    assert client.post("/predict", content=chunks(body)).status_code == 200
+    assert client.post("/predict", content=chunks(huge)).status_code == 413
+    # A declared length that understates the body (a server that does not enforce it).
+    understated = {"Content-Length": "10", "Content-Type": "application/json"}
+    assert client.post("/predict", content=huge, headers=understated).status_code == 413
 
 
 def test_predict_unknown_path_is_404_and_wrong_method_is_405(client: TestClient) -> None:
@@ -297,3 +314,20 @@ def test_simple_predict_item_id_in_query_and_body_must_agree(make_client, databa
     conflict = client.post("/simple_predict", params=item, json={"item_id": ad["item_id"] + 1})
     assert conflict.status_code == 422
     assert conflict.json()["detail"][0]["loc"] == ["body", "item_id"]
+
+
+def test_a_request_gets_one_access_line_with_its_id_status_and_end_time(
+    make_client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = make_client("predict")
+    capsys.readouterr()
+    before = time.time()
+    client.post("/predict", json=AD, headers={"X-Request-ID": "line-1"})
+    after = time.time()
+    client.get("/metrics")  # writes what is pending
+    entries = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if "line-1" in line
+    ]
+    (entry,) = [entry for entry in entries if entry["logger"] == "moderation.access"]
+    assert entry["message"].startswith("POST /predict 200 ") and entry["status"] == 200
+    assert before - 0.01 <= datetime.fromisoformat(entry["timestamp"]).timestamp() <= after + 0.01
