@@ -51,3 +51,25 @@ def test_a_tiny_run_writes_json_markdown_and_a_plot(tmp_path: Path) -> None:
     table = (out / "serve.md").read_text()
     assert all(variant.label in table for variant in serve.VARIANTS)
     assert (out / "serve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_tiny_async_run_writes_json_markdown_and_a_plot(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.async_load", "--rates", "10,20", "--seconds", "1",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "async.json").read_text())
+    assert [step["offered_per_s"] for step in report["steps"]] == [10, 20]
+    for step in report["steps"]:
+        assert step["tasks"] == step["offered_per_s"] and step["statuses"] == {
+            "completed": step["tasks"]
+        }
+        assert step["accept_p99_ms"] > 0 and step["e2e_p99_ms"] > 0
+        assert {"async_predict", "moderation_consumer", "adapter", "postgres", "broker"} <= set(
+            step["cpu_ms_per_task"]
+        )
+    assert "| 20 |" in (out / "async.md").read_text()
+    assert (out / "async.png").read_bytes().startswith(b"\x89PNG")
