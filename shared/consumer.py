@@ -92,7 +92,9 @@ async def _score(delivery: Delivery) -> str:
     message = delivery.message
     assert message is not None
     model = get_model()
-    async with db.connection() as conn:
+    # Autocommit: each statement is atomic by itself, and the update below is guarded by the
+    # status, so the reads need no transaction (and no BEGIN / COMMIT round trips).
+    async with db.connection(autocommit=True) as conn:
         if delivery.task_id is None:
             # A seed producer's record: attach to the item's oldest pending task, or make one.
             # Committed on its own, so that a retry names a task that really exists.
@@ -102,7 +104,7 @@ async def _score(delivery: Delivery) -> str:
                     task_id, _ = await repository.insert_task(conn, message.item_id, None)
             delivery.task_id = task_id
             logs.task_id.set(task_id)
-        task = await repository.get_task(conn, delivery.task_id)
+        task, ad = await repository.get_task_and_ad(conn, delivery.task_id)
         if task is None:
             raise TaskNotFound(f"Task {delivery.task_id} not found")
         if task["status"] != "pending":
@@ -111,7 +113,6 @@ async def _score(delivery: Delivery) -> str:
             wrong = delivery.task_id
             delivery.task_id = None  # never fail a task on behalf of a record about another item
             raise InvalidMessage(f"task {wrong} is for item {task['item_id']}")
-        ad = await repository.get_ad(conn, message.item_id)
         if ad is None:
             raise ItemNotFound(f"Item {message.item_id} not found")
         score = model.score_one(ad)

@@ -24,6 +24,31 @@ async def get_ad(conn: psycopg.AsyncConnection[Any], item_id: int) -> Ad | None:
     return None if row is None else Ad.model_validate(row)
 
 
+_TASK_AND_AD = """
+    SELECT t.id AS task_id, t.item_id, t.status, t.created_at, u.id AS seller_found,
+           a.seller_id, u.is_verified_seller, a.name, a.description, a.category, a.images_qty
+    FROM moderation_results t
+    LEFT JOIN advertisements a ON a.id = t.item_id
+    LEFT JOIN users u ON u.id = a.seller_id
+    WHERE t.id = %s
+"""
+
+
+async def get_task_and_ad(
+    conn: psycopg.AsyncConnection[Any], task_id: int
+) -> tuple[dict[str, Any] | None, Ad | None]:
+    """A task (task_id, item_id, status, created_at) and the ad it is about, in one query:
+    (None, None) without the task, (task, None) when its ad (or the ad's seller) is gone."""
+    cursor = await conn.execute(_TASK_AND_AD, (task_id,))
+    row = await cursor.fetchone()
+    if row is None:
+        return None, None
+    task = {key: row[key] for key in ("task_id", "item_id", "status", "created_at")}
+    if row["seller_found"] is None:  # as _AD_BY_ID's inner joins would find nothing
+        return task, None
+    return task, Ad.model_validate(row)
+
+
 async def ad_exists(conn: psycopg.AsyncConnection[Any], item_id: int) -> bool:
     cursor = await conn.execute("SELECT 1 FROM advertisements WHERE id = %s", (item_id,))
     return await cursor.fetchone() is not None
