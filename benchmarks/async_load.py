@@ -45,20 +45,28 @@ SATURATED_BELOW = 0.9  # completions per second under 90 % of the offered rate
 
 class Connections:
     """Keep-alive HTTP/1.1 connections to one server. A request takes an idle connection or
-    opens one (up to `limit`), so sending never waits for an earlier answer."""
+    opens one (up to `limit`), so sending never waits for an earlier answer. A connection
+    idle for over IDLE_SECONDS is closed, not reused: the server may be closing it."""
+
+    IDLE_SECONDS = 2.0
 
     def __init__(self, url: str, limit: int = 512) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self._slots = asyncio.Semaphore(limit)
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if time.monotonic() - since < self.IDLE_SECONDS:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         async with self._slots:
-            if self._idle:
-                reader, writer = self._idle.pop()
-            else:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer = await self._connection()
             try:
                 writer.write(
                     f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
@@ -74,11 +82,11 @@ class Connections:
             if "connection: close" in head:
                 writer.close()
             else:
-                self._idle.append((reader, writer))
+                self._idle.append((reader, writer, time.monotonic()))
             return int(head.split(" ", 2)[1]), answer
 
     def close(self) -> None:
-        for _, writer in self._idle:
+        for _, writer, _ in self._idle:
             writer.close()
 
 
