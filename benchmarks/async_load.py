@@ -214,7 +214,7 @@ def run_step(stack: DevStack, url: str, rate: int, seconds: float) -> dict[str, 
     completed = statuses.get("completed", 0)
     cpu = {name: after[name] - before[name] for name in tree}
     tasks = max(len(step.task_ids), 1)
-    result = {
+    result: dict[str, Any] = {
         "offered_per_s": rate,
         "accepted_per_s": len(step.task_ids) / step.sent_for if step.sent_for else 0.0,
         "completed_per_s": completed / span if span else 0.0,
