@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     max_retries: Annotated[int, Field(ge=0)] = 3
     retry_backoff_base_seconds: Annotated[float, Field(ge=0)] = 1.0
     retry_backoff_max_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # async_predict waits this long for the broker's ack after commit; past it the request is
-    # still accepted and the outbox relay publishes later.
+    # async_predict's publish after commit (in the background: the answer does not wait) waits
+    # this long for the broker's ack; past it the outbox relay publishes the row later.
     publish_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
     # The consumer answers 2xx only once a retry or dead letter is acknowledged within this.
     # DATABASE_TIMEOUT plus this stays well under the push adapter's request timeout (20 s).
