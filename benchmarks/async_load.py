@@ -48,7 +48,7 @@ class Connections:
     opens one (up to `limit`), so sending never waits for an earlier answer. A connection
     idle for over IDLE_SECONDS is closed, not reused: the server may be closing it."""
 
-    IDLE_SECONDS = 2.0
+    IDLE_SECONDS = 1.0  # below gunicorn's keep-alive (2 s) and uvicorn's (5 s)
 
     def __init__(self, url: str, limit: int = 512) -> None:
         parts = urlsplit(url)

@@ -106,12 +106,35 @@ async def connection(autocommit: bool = False) -> AsyncIterator[psycopg.AsyncCon
             try:
                 yield conn
             finally:
-                # A connection that cannot be switched back is broken: the pool discards it.
-                with contextlib.suppress(psycopg.Error):
-                    await conn.set_autocommit(False)
+                await _restore_transactions(conn)
     except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as error:
         log.warning("database is not available: %s", type(error).__name__)
         raise DatabaseUnavailable() from error
+
+
+async def _restore_transactions(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Back to implicit transactions before the connection returns to the pool; one that
+    cannot be (left inside a transaction, or broken) is closed, and the pool replaces it."""
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    try:
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            await conn.set_autocommit(False)
+            return
+    except psycopg.Error:
+        pass
+    with contextlib.suppress(psycopg.Error):
+        await conn.close()
+
+
+def is_open() -> bool:
+    """Whether this event loop has an open pool (background work does not open one)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return _pool is not None and _pool_loop is loop and not _pool.closed
 
 
 async def ping() -> bool:

@@ -47,17 +47,17 @@ async def accept(
 
 
 async def _replay(item_id: int, idempotency_key: str | None, retried: bool) -> TaskAccepted:
-    """Why the accept made nothing: no such ad (404), or the key names an earlier task: that
-    task as it is now, or 409 if it was for another ad."""
+    """Why the accept made nothing: the key names an earlier task (that task as it is now, or
+    422 if it was for another ad), or there is no such ad (404)."""
     async with db.connection() as conn:
-        exists = await repository.ad_exists(conn, item_id)
         task = await repository.get_task_by_key(conn, idempotency_key) if idempotency_key else None
-    if not exists:
-        raise ItemNotFound()
-    if task is None:  # the ad was stored since the statement ran: accepted now
-        if retried:
-            raise ItemNotFound()  # (cannot happen twice; never loop)
-        return await accept(item_id, idempotency_key, retried=True)
+        exists = task is not None or await repository.ad_exists(conn, item_id)
+    if task is None:
+        if not exists:
+            raise ItemNotFound()
+        if retried:  # (cannot happen twice; never loop)
+            raise ItemNotFound()
+        return await accept(item_id, idempotency_key, retried=True)  # stored since: now
     if task["item_id"] != item_id:
         raise IdempotencyConflict()
     return TaskReplay(
@@ -113,6 +113,9 @@ class _PublishedMarks:
         await asyncio.sleep(self.LINGER_SECONDS)
         while self._ids:
             ids, self._ids = self._ids, []
+            if not db.is_open():  # closed on shutdown meanwhile: not opened again for this
+                log.info("%d outbox rows left for the relay to mark", len(ids))
+                return
             try:
                 async with db.connection(autocommit=True) as conn:
                     await repository.mark_published(conn, ids)

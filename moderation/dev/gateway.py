@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import httpx
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
+# Of a function's answer: hop-by-hop, and what uvicorn sets itself.
+_NOT_PASSED_ON = _HOP_BY_HOP | {"date", "server"}
 
 
 def create_gateway(
@@ -33,13 +36,10 @@ def create_gateway(
     """backends: function name -> base URL; components: other processes whose /ready the
     gateway's /ready includes (the consumer, the adapter, the relay...) -> base URL."""
     everything = {**backends, **(components or {})}
-    # /ready asks each component with httpx (shared with `moderation status`).
-    client = httpx.AsyncClient(timeout=60.0)
-    # Requests are passed on with aiohttp: ~0.09 ms of CPU per request here against httpx's
-    # ~1.3 ms, which made the gateway the limit of the asynchronous path. Idle connections
-    # are dropped after 1 s, before the functions' server closes them (its keep-alive is
-    # gunicorn's 2 s): reusing one the server is closing fails the request.
-    upstreams: list[aiohttp.ClientSession] = []
+    # Made when the app starts, closed when it stops (its lifespan): requests are passed on
+    # with aiohttp, ~0.09 ms of CPU each against httpx's ~1.3 ms, which made the gateway the
+    # limit of the asynchronous path; /ready asks with httpx, as `moderation status` does.
+    clients: dict[str, Any] = {}
 
     async def proxy(request: Request) -> Response:
         path = request.scope["path"]  # as decoded: request.url.path drops line breaks
@@ -56,7 +56,10 @@ def create_gateway(
         function = function_of(path)
         if function is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstreams: aiohttp.ClientSession | None = clients.get("upstreams")
+        if upstreams is None:
+            return JSONResponse({"detail": "The gateway is not started"}, status_code=503)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
         # The path and query as the client sent them, still percent-encoded: decoded, a path
         # may hold characters that are no part of a URL (control bytes, spaces).
         target = backends[function] + request.scope["raw_path"].decode("latin-1")
@@ -67,43 +70,53 @@ def create_gateway(
         except ValueError:
             return JSONResponse({"detail": "Invalid request path"}, status_code=400)
         try:
-            async with upstreams[0].request(
-                request.method, url, headers=headers, data=await request.body(),
+            async with upstreams.request(
+                request.method, url, headers=headers, data=await request.body() or None,
                 allow_redirects=False,
             ) as upstream:  # fmt: skip
                 content = await upstream.read()
+        except aiohttp.InvalidURL:  # (a ClientError too: checked first)
+            return JSONResponse({"detail": "Invalid request path"}, status_code=400)
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning("%s %s: %s did not answer: %r", request.method, path, function, error)
             return JSONResponse({"detail": f"{function} is not available"}, status_code=502)
-        except ValueError:  # a URL aiohttp refuses to send
-            return JSONResponse({"detail": "Invalid request path"}, status_code=400)
-        response_headers = {
-            k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
-        }
-        response_headers.pop("content-length", None)  # the Response sets it again
-        return Response(content, upstream.status, headers=response_headers)
+        response = Response(content, upstream.status)
+        # The function's headers as it sent them, repeated ones too (its Content-Length fits
+        # the body, which is passed on undecoded); uvicorn adds its own Date and Server.
+        response.raw_headers = [
+            (name.lower(), value)
+            for name, value in upstream.raw_headers
+            if name.lower().decode("latin-1") not in _NOT_PASSED_ON
+        ]
+        return response
 
     async def ready() -> Response:
         """Ready when every function behind the gateway, and every other component, is."""
-        status, body = await readiness(client, everything)
+        if "ready" not in clients:
+            return JSONResponse({"detail": "The gateway is not started"}, status_code=503)
+        status, body = await readiness(clients["ready"], everything)
         return JSONResponse(body, status_code=status)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        upstreams.append(
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=1.0),
-                timeout=aiohttp.ClientTimeout(total=60.0),
-                auto_decompress=False,  # bytes as the function sent them, with its headers
-                # Only the client's own headers, nothing aiohttp would add by itself.
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            )
+        clients["upstreams"] = aiohttp.ClientSession(
+            # Idle connections are dropped after 1 s, before the functions' server closes
+            # them (gunicorn's keep-alive is 2 s): reusing one it is closing fails a request.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=1.0),
+            timeout=aiohttp.ClientTimeout(total=60.0),
+            auto_decompress=False,  # bytes as the function sent them, with its headers
+            # Only the client's own headers, nothing aiohttp would add by itself.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
-        yield
-        await upstreams[0].close()
-        await client.aclose()
+        clients["ready"] = httpx.AsyncClient(timeout=60.0)
+        try:
+            yield
+        finally:
+            upstreams, ready_client = clients.pop("upstreams"), clients.pop("ready")
+            await upstreams.close()
+            await ready_client.aclose()
 
     async def not_routed(request: Request, error: Exception) -> Response:
         """Starlette's own 404 and 405 (a path its catch-all route does not match, e.g. with a

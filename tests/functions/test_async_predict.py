@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import orjson
@@ -85,6 +86,14 @@ def test_async_predict_accepts_stored_item_and_publishes_one_seed_format_record(
 
     (record,) = kafka_topics.read(kafka_topics.moderation, expect=1)
     value = orjson.loads(record.value())
+    # What was published is what the outbox holds (the relay would send the row itself).
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT payload, headers FROM outbox WHERE task_id = %s", (task_id,)
+        ).fetchone()
+    assert stored is not None
+    assert value == stored[0]
+    assert {k: v.decode() for k, v in record.headers()} == stored[1]
     assert set(value) == {"item_id", "task_id", "timestamp", "retry_count"}
     assert (value["item_id"], value["task_id"], value["retry_count"]) == (ad["item_id"], task_id, 0)
     assert record.key() == str(ad["item_id"]).encode()
@@ -171,6 +180,9 @@ def test_async_predict_broker_down_still_accepts_and_relay_publishes_later(
     )
     assert response.status_code == 200
     task_id = response.json()["task_id"]
+    # The publish after the answer gives up (0.5 s): the row stays for the relay, unmarked.
+    wait_for(lambda: not tasks._running or None, 10, "the publish after commit to give up")
+    time.sleep(2 * tasks._PublishedMarks.LINGER_SECONDS)
     assert outbox_rows(database_url, task_id) == [(kafka_topics.moderation, False)]
 
     # The broker is reachable again: the relay publishes what the request could not.

@@ -120,6 +120,56 @@ def test_dev_gateway_answers_what_it_cannot_route_with_json(
         assert response.headers["allow"] == ("POST" if path == "/predict" else "GET, HEAD")
 
 
+def test_dev_gateway_passes_a_functions_answer_on_as_it_was_sent() -> None:
+    """Repeated headers stay repeated, the body's own length is kept (HEAD too), and the
+    gateway adds no Date or Server of the function's beside uvicorn's."""
+    import threading
+
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from moderation.dev.gateway import create_gateway
+    from tests.helpers import free_port, wait_for
+
+    async def function(scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({  # type: ignore[operator]
+            "type": "http.response.start", "status": 201,
+            "headers": [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"),
+                        (b"content-type", b"application/json"), (b"content-length", b"2")],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(function, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or None, 10, "the stand-in function to serve")
+        gateway = create_gateway({"predict": f"http://127.0.0.1:{port}"})
+        with TestClient(gateway) as client:
+            answer = client.post("/predict", json={})
+            head = client.head("/moderation/predict")
+        assert answer.status_code == 201 and answer.content == b"{}"
+        assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
+        assert answer.headers.get_list("content-length") == ["2"]
+        assert head.headers["content-length"] == "2"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_dev_gateway_before_it_has_started_answers_503() -> None:
+    from starlette.testclient import TestClient
+
+    from moderation.dev.gateway import create_gateway
+
+    client = TestClient(create_gateway({"predict": "http://127.0.0.1:1"}))  # no lifespan run
+    assert client.post("/predict", json={}).status_code == 503
+    assert client.get("/ready").status_code == 503
+
+
 def test_no_route_takes_a_path_segment_with_a_control_character() -> None:
     assert function_of("/moderation_result/12") == "get_result"
     for segment in ("1\n2", "\x00", "\x7f", "a\tb"):
