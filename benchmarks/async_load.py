@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import click
 import psutil
 import psycopg
 
+from benchmarks import outputs
 from moderation.dev.ports import free_port
 from moderation.dev.stack import REPO_ROOT, DevStack
 from shared.config import get_settings
@@ -337,19 +336,12 @@ def main(rates: str, seconds: float, direct: bool, out: Path) -> None:
     finally:
         stack.stop()
     report = {
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, "
-        f"Python {platform.python_version()}",
+        "machine": outputs.machine(),
         "path": "straight to async_predict" if direct else "through the dev gateway",
         "seconds": seconds,
         "steps": steps,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "async.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "async.md").write_text(markdown(report))
-    plot(report, out / "async.png")
-    print()
-    print(markdown(report))
-    print(f"wrote {out / 'async.json'}, async.md, async.png")
+    outputs.write(out, "async", report, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle  # nosec B403: the benchmark pickles a model it trained itself
-import platform
 import re
 import resource
 import shutil
@@ -35,6 +34,7 @@ import click
 import httpx
 import psutil
 
+from benchmarks import outputs
 from moderation.dev.ports import free_port
 from moderation.dev.stack import REPO_ROOT, function_command
 
@@ -407,22 +407,15 @@ def main(
                       f"{result['cpu_us']:>6.0f} µs CPU/req  p99 {result['p99_ms']:.2f} ms  "
                       f"limit: {limit_of(result)}", flush=True)  # fmt: skip
             in_process.append(in_process_rows_s(min(2.0, seconds)))
-    cpu = platform.processor() or platform.machine()
     report = {
         "runs": runs, "seconds": seconds, "connections": connections,
-        "machine": f"{os.cpu_count()} CPUs, {cpu}, Python {platform.python_version()}",
+        "machine": outputs.machine(),
         "load_generator": bench.generator_name,
         **summarize(results, in_process),
         "runs_by_variant": results,
         "in_process_rows_s": in_process,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "serve.md").write_text(markdown(report))
-    plot(report, out / "serve.png")
-    print()
-    print(markdown(report))
-    print(f"wrote {out / 'serve.json'}, serve.md, serve.png")
+    outputs.write(out, "serve", report, markdown, plot)
 
 
 if __name__ == "__main__":
