@@ -101,7 +101,7 @@ async def _score(delivery: Delivery) -> str:
             async with conn.transaction():
                 task_id = await repository.oldest_pending_task(conn, message.item_id)
                 if task_id is None:
-                    task_id, _ = await repository.insert_task(conn, message.item_id, None)
+                    task_id = await repository.insert_task(conn, message.item_id)
             delivery.task_id = task_id
             logs.task_id.set(task_id)
         task, ad = await repository.get_task_and_ad(conn, delivery.task_id)

@@ -193,7 +193,9 @@ def linear_disagreement(model: Model, linear: tuple[tuple[float, ...], float]) -
         ours = model_contract.linear_probability(*linear, row)
         if ours is not None:
             differences.append(abs(ours - float(probability)))
-    return max(differences, default=0.0) if all(d == d for d in differences) else math.nan
+    if any(math.isnan(difference) for difference in differences):
+        return math.nan  # (max() would pass over it)
+    return max(differences, default=0.0)
 
 
 # After a failed load, requests are answered 503 at once for this long before loading again,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import IdempotencyConflict
 from shared.schemas import Ad
 
 if TYPE_CHECKING:
@@ -71,27 +70,14 @@ async def get_task_by_key(
     return await cursor.fetchone()
 
 
-async def insert_task(
-    conn: psycopg.AsyncConnection[Any], item_id: int, idempotency_key: str | None
-) -> tuple[int, bool]:
-    """A new pending task, or the one already made with this idempotency key: (id, created)."""
+async def insert_task(conn: psycopg.AsyncConnection[Any], item_id: int) -> int:
+    """A new pending task for an item, with no outbox row (a seed-format record's own task)."""
     cursor = await conn.execute(
-        "INSERT INTO moderation_results (item_id, idempotency_key) VALUES (%s, %s)"
-        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        (item_id, idempotency_key),
+        "INSERT INTO moderation_results (item_id) VALUES (%s) RETURNING id", (item_id,)
     )
     row = await cursor.fetchone()
-    if row is not None:
-        return int(row["id"]), True
-    cursor = await conn.execute(
-        "SELECT id, item_id FROM moderation_results WHERE idempotency_key = %s",
-        (idempotency_key,),
-    )
-    existing = await cursor.fetchone()
-    assert existing is not None, "a conflicting idempotency key must have a row"
-    if existing["item_id"] != item_id:
-        raise IdempotencyConflict()
-    return int(existing["id"]), False
+    assert row is not None
+    return int(row["id"])
 
 
 async def get_task(conn: psycopg.AsyncConnection[Any], task_id: int) -> dict[str, Any] | None:
@@ -181,27 +167,6 @@ async def accept_task(
     )  # fmt: skip
     row = await cursor.fetchone()
     return None if row is None else (int(row["task_id"]), int(row["id"]))
-
-
-async def insert_outbox(
-    conn: psycopg.AsyncConnection[Any],
-    *,
-    task_id: int,
-    topic: str,
-    key: str,
-    payload: dict[str, Any],
-    headers: dict[str, str],
-) -> int:
-    from psycopg.types.json import Jsonb
-
-    cursor = await conn.execute(
-        "INSERT INTO outbox (task_id, topic, key, payload, headers) VALUES (%s, %s, %s, %s, %s)"
-        " RETURNING id",
-        (task_id, topic, key, Jsonb(payload), Jsonb(headers)),
-    )
-    row = await cursor.fetchone()
-    assert row is not None
-    return int(row["id"])
 
 
 async def lock_unpublished(

@@ -20,9 +20,7 @@ from shared.schemas import TaskAccepted, TaskReplay, TaskResult
 log = logging.getLogger(__name__)
 
 
-async def accept(
-    item_id: int, idempotency_key: str | None = None, retried: bool = False
-) -> TaskAccepted:
+async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccepted:
     """The commit is the promise: once it returns, the task reaches completed or failed.
 
     The task and its outbox row are made by one statement (one round trip); the record is then
@@ -30,34 +28,37 @@ async def accept(
     not delivered is the relay's to publish. A key used before gives that task as it is now (a
     TaskReplay), and nothing new."""
     settings = get_settings()
-    payload = moderation_payload(item_id, None)  # the statement puts the task id in both
-    headers = cloudevent_headers("", SOURCE_ACCEPTED)
-    async with db.connection(autocommit=True) as conn:
-        made = await repository.accept_task(
-            conn, item_id=item_id, idempotency_key=idempotency_key,
-            topic=settings.moderation_topic, key=str(item_id), payload=payload, headers=headers,
-        )  # fmt: skip
-    if made is None:
-        return await _replay(item_id, idempotency_key, retried)
-    task_id, outbox_id = made
-    payload["task_id"], headers["ce_id"] = task_id, str(task_id)
-    record = Record(settings.moderation_topic, str(item_id), orjson.dumps(payload), headers)
-    _in_background(_publish_now(outbox_id, record))
-    return TaskAccepted(task_id=task_id)
+    for _ in range(2):  # again once if the ad was stored while the first statement ran
+        payload = moderation_payload(item_id, None)  # the statement puts the task id in both
+        headers = cloudevent_headers("", SOURCE_ACCEPTED)
+        async with db.connection(autocommit=True) as conn:
+            made = await repository.accept_task(
+                conn, item_id=item_id, idempotency_key=idempotency_key,
+                topic=settings.moderation_topic, key=str(item_id), payload=payload,
+                headers=headers,
+            )  # fmt: skip
+        if made is not None:
+            task_id, outbox_id = made
+            payload["task_id"], headers["ce_id"] = task_id, str(task_id)
+            record = Record(settings.moderation_topic, str(item_id), orjson.dumps(payload), headers)
+            _in_background(_publish_now(outbox_id, record))
+            return TaskAccepted(task_id=task_id)
+        replay = await _replay(item_id, idempotency_key)
+        if replay is not None:
+            return replay
+    raise ItemNotFound()  # (stored, yet not seen twice: cannot happen; never loop)
 
 
-async def _replay(item_id: int, idempotency_key: str | None, retried: bool) -> TaskAccepted:
+async def _replay(item_id: int, idempotency_key: str | None) -> TaskReplay | None:
     """Why the accept made nothing: the key names an earlier task (that task as it is now, or
-    422 if it was for another ad), or there is no such ad (404)."""
+    422 if it was for another ad), there is no such ad (404), or the ad was stored since the
+    statement ran (None: accept it now)."""
     async with db.connection() as conn:
         task = await repository.get_task_by_key(conn, idempotency_key) if idempotency_key else None
-        exists = task is not None or await repository.ad_exists(conn, item_id)
-    if task is None:
-        if not exists:
-            raise ItemNotFound()
-        if retried:  # (cannot happen twice; never loop)
-            raise ItemNotFound()
-        return await accept(item_id, idempotency_key, retried=True)  # stored since: now
+        if task is None:
+            if not await repository.ad_exists(conn, item_id):
+                raise ItemNotFound()
+            return None
     if task["item_id"] != item_id:
         raise IdempotencyConflict()
     return TaskReplay(
