@@ -7,10 +7,16 @@ other 4xx), or that cannot be made into a request at all, goes to the dead-lette
 like KafkaSource's deadLetterSink, and is committed once that is acknowledged. Records of the
 retry topic wait for their `dueat` time first, in a consumer of their own, so a waiting retry
 never stalls fresh work.
+
+Records already fetched behind one another are pushed together, in CloudEvents' batched
+content mode, when `batch_size` allows: the sink answers a result per event; each partition is
+committed up to its first failed event, and from there its records are delivered again one by
+one, by the rules above. A sink that cannot take batches gets every record alone that way.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -21,6 +27,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import httpx
+import orjson
 
 from moderation import heartbeat
 from moderation.consuming import ConsumerLoop
@@ -28,7 +35,13 @@ from shared import metrics
 from shared.config import get_settings
 from shared.errors import Outcome
 from shared.kafka_admin import producer_config
-from shared.messages import DUE_AT, KAFKASOURCE_EVENT_TYPE, Origin, dead_letter_record
+from shared.messages import (
+    CLOUDEVENTS_BATCH,
+    DUE_AT,
+    KAFKASOURCE_EVENT_TYPE,
+    Origin,
+    dead_letter_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +115,16 @@ def cloudevent_request(message: Any, source: str) -> tuple[dict[str, str], bytes
     return headers, message.value() or b""
 
 
+def structured_event(headers: dict[str, str], body: bytes) -> dict[str, str]:
+    """The structured-mode form of a binary-mode push (cloudevent_request's headers and body),
+    for a batch: the same attributes, the record's bytes as they are (data_base64)."""
+    event = {name[3:]: value for name, value in headers.items() if name.startswith("ce-")}
+    if "content-type" in headers:
+        event["datacontenttype"] = headers["content-type"]
+    event["data_base64"] = base64.b64encode(body).decode()
+    return event
+
+
 def due_time(message: Any) -> datetime | None:
     """When a retry record may be pushed: its `dueat`, but never later than the longest
     backoff from now (RETRY_BACKOFF_MAX_SECONDS), so a wrong or hostile due time cannot
@@ -139,16 +162,24 @@ class TopicPusher(ConsumerLoop):
     # Like KafkaSource's delivery.retry, the record then goes to the dead-letter topic.
     max_server_errors: int = 10
     group_size: int = 1  # pushers of this topic in the group: each should own a partition
+    # At most this many records in one push (1: each alone, as a KafkaSource pushes them), and
+    # about this many bytes, well under the sink's body limit (MAX_BODY_BYTES, 1 MiB).
+    batch_size: int = 1
+    batch_bytes: int = 512 * 1024
     delivered: int = 0
     _producer: Any = field(default=None, init=False, repr=False)
     # The next offset to commit of each owned partition: what was delivered or dead-lettered.
     _done: dict[tuple[str, int], int] = field(default_factory=dict, init=False, repr=False)
     _server_errors: int = field(default=0, init=False, repr=False)  # of the record being pushed
+    # Partitions whose records go alone up to (not including) an offset: the rest of a batch
+    # that did not all succeed, delivered again by the single-record rules.
+    _alone_until: dict[tuple[str, int], int] = field(default_factory=dict, init=False, repr=False)
 
     def consume(self, consumer: Any) -> None:
         lag_measured = assignment_checked = 0.0
         unassigned_since: float | None = None
         self._done.clear()
+        self._alone_until.clear()
         with httpx.Client(timeout=self.request_timeout) as client:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
@@ -170,7 +201,10 @@ class TopicPusher(ConsumerLoop):
                 if message.error():
                     log.warning("%s: consumer error: %s", self.topic, message.error())
                     continue
-                self._handle(consumer, client, message)
+                if self.batch_size > 1:
+                    self._push_fetched(consumer, client, message)
+                else:
+                    self._handle(consumer, client, message)
         self._commit_done(consumer)
 
     def _left_out(self, consumer: Any) -> bool:
@@ -196,6 +230,7 @@ class TopicPusher(ConsumerLoop):
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:
             self._done.pop((partition.topic, partition.partition), None)
+            self._alone_until.pop((partition.topic, partition.partition), None)
 
     def _commit_done(self, consumer: Any) -> None:
         """On stop: commit every record delivered so far (the commits on the way are
@@ -261,6 +296,133 @@ class TopicPusher(ConsumerLoop):
                 if (position.topic, position.partition) == (message.topic(), message.partition()):
                     position.offset = message.offset() + 1 if done else message.offset()
             self._resume(consumer, owned, positions)
+
+    def _push_fetched(self, consumer: Any, client: httpx.Client, first: Any) -> None:
+        """`first` and the records already fetched behind it (no waiting for more): together,
+        in batches, where they may be; the others alone, each in its partition's order."""
+        records = [first]
+        for message in consumer.consume(self.batch_size - 1, 0):
+            if message.error():
+                log.warning("%s: consumer error: %s", self.topic, message.error())
+            else:
+                records.append(message)
+        together: list[tuple[Any, tuple[dict[str, str], bytes]]] = []
+        alone: list[Any] = []
+        for message in records:
+            request = self._request(message)
+            if self._goes_alone(message) or isinstance(request, str):
+                alone.append(message)
+            else:
+                together.append((message, request))
+        if len(together) == 1:
+            alone, together = records, []
+        for message in alone:
+            if self._stop.is_set():
+                return  # not committed: delivered again by whoever owns the partition next
+            self._handle(consumer, client, message)
+        failed: set[tuple[str, int]] = set()
+        for batch in self._batches(together):
+            # A partition rewound by an earlier batch gets these records again when fetched.
+            batch = [(m, r) for m, r in batch if (m.topic(), m.partition()) not in failed]
+            if batch and not self._stop.is_set():
+                failed |= self._push_together(consumer, client, batch)
+
+    def _goes_alone(self, message: Any) -> bool:
+        key = (message.topic(), message.partition())
+        until = self._alone_until.get(key)
+        if until is not None and message.offset() >= until:
+            del self._alone_until[key]
+            return False
+        return until is not None
+
+    def _batches(
+        self, together: list[tuple[Any, tuple[dict[str, str], bytes]]]
+    ) -> list[list[tuple[Any, tuple[dict[str, str], bytes]]]]:
+        """Consecutive runs of at most batch_bytes (base64 makes the data a third larger)."""
+        batches: list[list[tuple[Any, tuple[dict[str, str], bytes]]]] = [[]]
+        size = 0
+        for message, (headers, body) in together:
+            record_size = len(body) * 4 // 3 + sum(len(k) + len(v) + 6 for k, v in headers.items())
+            if batches[-1] and size + record_size > self.batch_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append((message, (headers, body)))
+            size += record_size
+        return batches
+
+    def _push_together(
+        self,
+        consumer: Any,
+        client: httpx.Client,
+        batch: list[tuple[Any, tuple[dict[str, str], bytes]]],
+    ) -> set[tuple[str, int]]:
+        """One batched push; commits each partition up to its first failed event and rewinds
+        it there, so that its records from there on are delivered alone. Returns the
+        partitions rewound."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        body = orjson.dumps([structured_event(*request) for _, request in batch])
+        metrics.ADAPTER_IN_FLIGHT.inc(len(batch))
+        try:
+            response = client.post(
+                self.sink_url, content=body, headers={"content-type": CLOUDEVENTS_BATCH}
+            )
+            succeeded = self._batch_results(response, len(batch))
+        except httpx.HTTPError as error:
+            log.warning("%s: sink unreachable: %s", self.topic, error)
+            succeeded = [False] * len(batch)
+        finally:
+            metrics.ADAPTER_IN_FLIGHT.dec(len(batch))
+        done: dict[tuple[str, int], int] = {}
+        first_failed: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
+        delivered = 0
+        for (message, _), success in zip(batch, succeeded, strict=True):
+            key = (message.topic(), message.partition())
+            last[key] = message.offset()
+            if key in first_failed:
+                continue  # delivered again after the failed one, in order
+            if success:
+                done[key] = message.offset() + 1
+                delivered += 1
+            else:
+                first_failed[key] = message.offset()
+        if done:
+            offsets = [TopicPartition(*key, offset) for key, offset in done.items()]
+            consumer.commit(offsets=offsets, asynchronous=True)
+            self._done.update(done)
+            self.delivered += delivered
+            metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc(delivered)
+        for key, offset in first_failed.items():
+            self._alone_until[key] = last[key] + 1
+            try:
+                consumer.seek(TopicPartition(*key, offset))
+            except KafkaException as error:  # revoked meanwhile: its new owner starts there
+                log.info("%s: not rewound: %s", self.topic, error)
+        if first_failed:
+            metrics.ADAPTER_DELIVERIES.labels(self.topic, "failed").inc(len(batch) - delivered)
+        return set(first_failed)
+
+    def _batch_results(self, response: httpx.Response, count: int) -> list[bool]:
+        """Which events of a batch the sink is done with; none unless it answered a result
+        for each (a sink that takes no batches, or is failing, gets them all alone)."""
+        results = None
+        if 200 <= response.status_code < 300:
+            try:
+                results = response.json().get("results")
+            except (ValueError, AttributeError):
+                results = None
+        if not isinstance(results, list) or len(results) != count:
+            log.warning(
+                "%s: a batch of %d was not taken (HTTP %d): its records go one by one",
+                self.topic, count, response.status_code,
+            )  # fmt: skip
+            return [False] * count
+        return [
+            isinstance(result, dict) and isinstance(result.get("status"), int)
+            and 200 <= result["status"] < 300
+            for result in results
+        ]  # fmt: skip
 
     def _request(self, message: Any) -> tuple[dict[str, str], bytes] | str:
         """The HTTP request for a record, or why there can be none."""
@@ -401,14 +563,16 @@ class Adapter:
         group_id: str = "moderation-consumer",
         concurrency: int = 4,
         dead_letter_topic: str = "moderation_dlq",
+        batch_size: int = 1,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         retry_group = f"{group_id}-retry"
         self.pushers = [
             TopicPusher(bootstrap_servers, topic, group_id, sink_url=sink_url,
-                        dead_letter_topic=dead_letter_topic, group_size=concurrency)
+                        dead_letter_topic=dead_letter_topic, group_size=concurrency,
+                        batch_size=batch_size)
             for _ in range(concurrency)
-        ] + [
+        ] + [  # retries one by one: each waits for its own due time
             TopicPusher(bootstrap_servers, retry_topic, retry_group, sink_url=sink_url,
                         dead_letter_topic=dead_letter_topic, honour_due_time=True,
                         group_size=concurrency)

@@ -205,7 +205,16 @@ def demo_data(database_url: str | None) -> None:
     type=click.IntRange(min=1),
     help="Pushers per topic; partitions are shared among them. [default: TOPIC_PARTITIONS]",
 )
-def adapter(sink: str, group: str, concurrency: int | None) -> None:
+@click.option(
+    "--batch-size",
+    default=100,
+    show_default=True,
+    envvar="ADAPTER_BATCH_SIZE",
+    type=click.IntRange(min=1),
+    help="Records pushed together when already fetched (CloudEvents batches); 1 pushes each"
+    " alone, as a KafkaSource does.",
+)
+def adapter(sink: str, group: str, concurrency: int | None, batch_size: int) -> None:
     """Push Kafka records to the consumer function as CloudEvents (KafkaSource semantics)."""
     from moderation.adapter import Adapter
 
@@ -218,8 +227,12 @@ def adapter(sink: str, group: str, concurrency: int | None) -> None:
         group,
         concurrency or settings.topic_partitions,
         settings.dlq_topic,
+        batch_size,
     )
-    logs.startup(settings, "adapter", sink=sink, group=group, ops_port=settings.ops_port)
+    logs.startup(
+        settings, "adapter", sink=sink, group=group, batch_size=batch_size,
+        ops_port=settings.ops_port,
+    )  # fmt: skip
     serve_ops("adapter", broker=broker_answers(pushers.bootstrap_servers))
     pushers.start()
     wait_for_stop_signal()

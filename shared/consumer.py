@@ -8,11 +8,13 @@ duplicate delivery never changes a finished task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 from shared import db, logs, metrics, repository
 from shared.config import get_settings
@@ -27,6 +29,7 @@ from shared.errors import (
 from shared.kafka import get_publisher
 from shared.messages import (
     REQUEST_ID,
+    CloudEvent,
     Message,
     Origin,
     dead_letter_record,
@@ -37,6 +40,7 @@ from shared.messages import (
     retry_record,
 )
 from shared.model import get_model
+from shared.schemas import Ad
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +64,156 @@ def retry_delay(retry_count: int) -> timedelta:
 
 async def handle(data: Any, attributes: dict[str, Any]) -> str:
     """Process one delivered record; returns what happened (for logs and tests)."""
-    request_id = attributes.get(REQUEST_ID)
-    logs.request_id.set(str(request_id) if request_id else None)
-    logs.task_id.set(None)
-    logs.item_id.set(None)
+    _log_context(attributes)
     started = time.perf_counter()
     outcome = await _handle(data, attributes)
-    metrics.TASK_PROCESSING.observe(time.perf_counter() - started)
+    _finished(outcome, time.perf_counter() - started)
+    return outcome
+
+
+def _log_context(attributes: dict[str, Any], message: Message | None = None) -> None:
+    request_id = attributes.get(REQUEST_ID)
+    logs.request_id.set(str(request_id) if request_id else None)
+    logs.task_id.set(message.task_id if message else None)
+    logs.item_id.set(message.item_id if message else None)
+
+
+def _finished(outcome: str, seconds: float) -> None:
+    metrics.TASK_PROCESSING.observe(seconds)
     metrics.TASKS.labels(outcome).inc()
     log.info("task %s: %s", logs.task_id.get(), outcome, extra={"fields": {"outcome": outcome}})
-    return outcome
+
+
+@dataclass
+class _Queued:
+    """An event of a batch on the common path: a task of the project's own format."""
+
+    index: int
+    attributes: dict[str, Any]
+    delivery: Delivery
+    message: Message
+    task_id: int
+
+
+async def handle_batch(events: Sequence[CloudEvent | ModerationError]) -> list[dict[str, Any]]:
+    """Process a batch of delivered records; one result per event, in their order: status 200
+    with the outcome once it is durable, else the status a single delivery would be answered.
+
+    The common case (a pending task of the project's own records, its ad present) is read,
+    scored and written for the whole batch at once; every other event goes through handle(),
+    one by one, exactly as if delivered alone."""
+    results: list[dict[str, Any] | None] = [None] * len(events)
+    queued: list[_Queued] = []
+    alone: list[int] = []
+    seen: set[int] = set()
+    for index, event in enumerate(events):
+        if isinstance(event, ModerationError):
+            results[index] = _error_result(None, event)
+            continue
+        data, attributes = event
+        delivery = Delivery(raw=raw_bytes(data), origin=origin_of(attributes))
+        try:
+            message = parse_message(delivery.raw)
+        except InvalidMessage:
+            message = None
+        if message is None or message.task_id is None or message.task_id in seen:
+            alone.append(index)  # a task twice in one batch: the second sees the first's outcome
+            continue
+        seen.add(message.task_id)
+        delivery.message, delivery.task_id = message, message.task_id
+        queued.append(_Queued(index, attributes, delivery, message, message.task_id))
+
+    started = time.perf_counter()
+    outcomes = await _score_together(queued)
+    elapsed = time.perf_counter() - started
+    for item in queued:
+        outcome = outcomes.get(item.index)
+        if outcome is None:
+            alone.append(item.index)
+            continue
+        _log_context(item.attributes, item.message)
+        if isinstance(outcome, str):
+            _finished(outcome, elapsed)
+            results[item.index] = {"id": item.attributes["id"], "status": 200, "outcome": outcome}
+        else:
+            results[item.index] = _error_result(item.attributes, outcome)
+
+    for index in sorted(alone):
+        data, attributes = cast("CloudEvent", events[index])
+        try:
+            outcome = await handle(data, attributes)
+            results[index] = {"id": attributes["id"], "status": 200, "outcome": outcome}
+        except Exception as error:
+            results[index] = _error_result(attributes, error)
+    return cast("list[dict[str, Any]]", results)
+
+
+def _error_result(attributes: dict[str, Any] | None, error: Exception) -> dict[str, Any]:
+    """What a single delivery would have been answered, as a batch result."""
+    event_id = attributes.get("id") if attributes else None
+    if isinstance(error, ModerationError):
+        return {"id": event_id, "status": error.status, "detail": error.detail_value}
+    log.error("event %s: %r", event_id, error)
+    return {"id": event_id, "status": 500, "detail": "Internal Server Error"}
+
+
+async def _score_together(queued: list[_Queued]) -> dict[int, str | Exception]:
+    """Outcomes by event index of what was done for the whole batch: completed or duplicate
+    (or, when the batch failed, what its failure handling did). Events left out go alone."""
+    if not queued:
+        return {}
+    try:
+        return await _complete_together(queued)
+    except ModerationError as error:
+        failure, retryable = error, False
+    except Exception:  # a bug: retried, never lost (as a single delivery's)
+        log.exception("unexpected error while moderating a batch")
+        failure, retryable = ScoringFailed(), True
+
+    # Each event's failure handling, as a single delivery's; run together, so the retry records
+    # share the producer's batches.
+    async def fail(item: _Queued) -> str:
+        _log_context(item.attributes, item.message)  # in a task of its own: its own context
+        return await _on_failure(item.delivery, failure, retryable)
+
+    handled = await asyncio.gather(*(fail(item) for item in queued), return_exceptions=True)
+    return {
+        item.index: outcome if isinstance(outcome, str | Exception) else ScoringFailed()
+        for item, outcome in zip(queued, handled, strict=True)
+    }
+
+
+async def _complete_together(queued: list[_Queued]) -> dict[int, str | Exception]:
+    model = get_model()
+    outcomes: dict[int, str | Exception] = {}
+    async with db.connection(autocommit=True) as conn:
+        found = await repository.get_tasks_and_ads(conn, [item.task_id for item in queued])
+        scorable: list[tuple[_Queued, Ad, datetime]] = []
+        for item in queued:
+            task, ad = found.get(item.task_id, (None, None))
+            if task is None or task["item_id"] != item.message.item_id:
+                continue  # alone, to fail as a single delivery would
+            if task["status"] != "pending":
+                outcomes[item.index] = "duplicate"
+            elif ad is not None:
+                scorable.append((item, ad, task["created_at"]))
+        scores = model.score([ad for _, ad, _ in scorable])
+        updated = await repository.complete_tasks(
+            conn,
+            [
+                (item.task_id, score.is_violation, score.probability, item.message.retry_count + 1)
+                for (item, _, _), score in zip(scorable, scores, strict=True)
+            ],
+            model_version=model.version,
+        )
+    finished = now()
+    for item, _, created_at in scorable:
+        if item.task_id in updated:
+            outcomes[item.index] = "completed"
+            metrics.TASK_AGE.observe((finished - created_at).total_seconds())
+        else:
+            outcomes[item.index] = "duplicate"
+    return outcomes
 
 
 async def _handle(data: Any, attributes: dict[str, Any]) -> str:

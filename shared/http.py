@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import contextlib
 import json
 import logging
@@ -34,6 +35,7 @@ from shared.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
+from shared.messages import CLOUDEVENTS_BATCH, CloudEvent
 from shared.routes import path_pattern, routes_of, strip_prefix
 from shared.schemas import BatchRequest, ItemIdRequest
 
@@ -389,7 +391,7 @@ async def parse_batch(request: Request, max_items: int) -> BatchRequest:
     return parse(BatchRequest, data)
 
 
-async def parse_cloudevent(request: Request) -> tuple[Any, dict[str, Any]]:
+async def parse_cloudevent(request: Request) -> CloudEvent:
     """A CloudEvent in binary or structured mode: its data and attributes; 400 if it is none."""
     from cloudevents.http import from_http
 
@@ -399,6 +401,47 @@ async def parse_cloudevent(request: Request) -> tuple[Any, dict[str, Any]]:
     except Exception as error:  # the SDK raises several kinds for a malformed event
         raise InvalidCloudEvent(f"Bad Request: not a CloudEvent: {error!r}"[:500]) from None
     return event.get_data(), dict(event.get_attributes())
+
+
+# The attributes every CloudEvent carries (specversion is checked on its own).
+_REQUIRED_ATTRIBUTES = ("id", "source", "type")
+_DATA_MEMBERS = ("data", "data_base64")
+
+
+def is_cloudevent_batch(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.partition(";")[0].strip().lower() == CLOUDEVENTS_BATCH
+
+
+async def parse_cloudevent_batch(request: Request) -> list[CloudEvent | InvalidCloudEvent]:
+    """The events of a batch, each as (data, attributes), or the reason it is no CloudEvent:
+    one malformed event is refused alone. 400 if the body is not a JSON array at all."""
+    body = await read_body(request)
+    try:
+        events = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidCloudEvent(f"Bad Request: not a CloudEvent batch: {error}"[:500]) from None
+    if not isinstance(events, list):
+        raise InvalidCloudEvent("Bad Request: a CloudEvent batch is a JSON array of events")
+    return [_structured_event(event) for event in events]
+
+
+def _structured_event(event: Any) -> CloudEvent | InvalidCloudEvent:
+    """One structured-mode event: its data (bytes when sent as data_base64) and attributes."""
+    if not isinstance(event, dict):
+        return InvalidCloudEvent("Bad Request: not a CloudEvent: a batch element is no object")
+    attributes = {name: value for name, value in event.items() if name not in _DATA_MEMBERS}
+    if attributes.get("specversion") != "1.0":
+        return InvalidCloudEvent("Bad Request: not a CloudEvent: specversion is not 1.0")
+    for name in _REQUIRED_ATTRIBUTES:
+        if not isinstance(attributes.get(name), str) or not attributes[name]:
+            return InvalidCloudEvent(f"Bad Request: not a CloudEvent: no {name}")
+    if "data_base64" not in event:
+        return event.get("data"), attributes
+    try:
+        return base64.b64decode(event["data_base64"], validate=True), attributes
+    except (TypeError, ValueError):  # binascii.Error is a ValueError
+        return InvalidCloudEvent("Bad Request: not a CloudEvent: data_base64 is not base64")
 
 
 MAX_IDEMPOTENCY_KEY = 255

@@ -102,6 +102,12 @@ class Message(BaseModel):
     timestamp: Any = None
 
 
+# A delivered CloudEvent: its data and its attributes.
+CloudEvent = tuple[Any, dict[str, Any]]
+# CloudEvents' batched content mode: a JSON array of structured-mode events.
+CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a record came from, for the dead letter."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from shared.schemas import Ad
@@ -23,14 +24,16 @@ async def get_ad(conn: psycopg.AsyncConnection[Any], item_id: int) -> Ad | None:
     return None if row is None else Ad.model_validate(row)
 
 
-_TASK_AND_AD = """
+_TASKS_AND_ADS = """
     SELECT t.id AS task_id, t.item_id, t.status, t.created_at, u.id AS seller_found,
            a.seller_id, u.is_verified_seller, a.name, a.description, a.category, a.images_qty
     FROM moderation_results t
     LEFT JOIN advertisements a ON a.id = t.item_id
     LEFT JOIN users u ON u.id = a.seller_id
-    WHERE t.id = %s
+    WHERE t.id = ANY(%s)
 """
+
+TaskAndAd = tuple[dict[str, Any], Ad | None]
 
 
 async def get_task_and_ad(
@@ -38,14 +41,22 @@ async def get_task_and_ad(
 ) -> tuple[dict[str, Any] | None, Ad | None]:
     """A task (task_id, item_id, status, created_at) and the ad it is about, in one query:
     (None, None) without the task, (task, None) when its ad (or the ad's seller) is gone."""
-    cursor = await conn.execute(_TASK_AND_AD, (task_id,))
-    row = await cursor.fetchone()
-    if row is None:
-        return None, None
-    task = {key: row[key] for key in ("task_id", "item_id", "status", "created_at")}
-    if row["seller_found"] is None:  # as _AD_BY_ID's inner joins would find nothing
-        return task, None
-    return task, Ad.model_validate(row)
+    found = await get_tasks_and_ads(conn, [task_id])
+    return found.get(task_id, (None, None))
+
+
+async def get_tasks_and_ads(
+    conn: psycopg.AsyncConnection[Any], task_ids: Sequence[int]
+) -> dict[int, TaskAndAd]:
+    """get_task_and_ad for several tasks in one query, by task id (missing tasks left out)."""
+    cursor = await conn.execute(_TASKS_AND_ADS, (list(task_ids),))
+    found: dict[int, TaskAndAd] = {}
+    for row in await cursor.fetchall():
+        task = {key: row[key] for key in ("task_id", "item_id", "status", "created_at")}
+        # Without the seller, as an inner join of ad and seller would find nothing.
+        ad = None if row["seller_found"] is None else Ad.model_validate(row)
+        found[row["task_id"]] = (task, ad)
+    return found
 
 
 async def ad_exists(conn: psycopg.AsyncConnection[Any], item_id: int) -> bool:
@@ -112,6 +123,29 @@ async def complete_task(
         (is_violation, probability, model_version, attempts, task_id),
     )
     return cursor.rowcount == 1
+
+
+async def complete_tasks(
+    conn: psycopg.AsyncConnection[Any],
+    results: Sequence[tuple[int, bool, float, int]],
+    *,
+    model_version: str,
+) -> set[int]:
+    """complete_task for many (task_id, is_violation, probability, attempts) in one statement;
+    returns the ids it changed (the pending ones)."""
+    if not results:
+        return set()
+    ids, violations, probabilities, attempts = (list(col) for col in zip(*results, strict=True))
+    cursor = await conn.execute(
+        "UPDATE moderation_results t SET status = 'completed', is_violation = r.is_violation,"
+        " probability = r.probability, model_version = %s, attempts = r.attempts,"
+        " processed_at = now()"
+        " FROM unnest(%s::bigint[], %s::boolean[], %s::float8[], %s::int[])"
+        "   AS r(id, is_violation, probability, attempts)"
+        " WHERE t.id = r.id AND t.status = 'pending' RETURNING t.id",
+        (model_version, ids, violations, probabilities, attempts),
+    )
+    return {row["id"] for row in await cursor.fetchall()}
 
 
 async def fail_task(

@@ -1,7 +1,10 @@
-"""moderation_consumer: one Kafka record, delivered as a CloudEvent, scored or retried or
-dead-lettered. A 2xx answer means the outcome is durable; anything else means "deliver again"."""
+"""moderation_consumer: a Kafka record delivered as a CloudEvent, scored or retried or
+dead-lettered. A 2xx answer means the outcome is durable; anything else means "deliver again".
+A batch of them (CloudEvents' batched content mode) is answered with a result per event."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import functions_framework.aio
 from starlette.requests import Request
@@ -12,7 +15,10 @@ from shared import consumer, db, http, logs, model
 logs.start("moderation_consumer", needs_model=True)
 
 
-async def moderation_event(request: Request) -> dict[str, str]:
+async def moderation_event(request: Request) -> dict[str, Any]:
+    if http.is_cloudevent_batch(request):
+        events = await http.parse_cloudevent_batch(request)
+        return {"results": await consumer.handle_batch(events)}
     data, attributes = await http.parse_cloudevent(request)
     return {"outcome": await consumer.handle(data, attributes)}
 

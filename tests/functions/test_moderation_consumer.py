@@ -352,3 +352,124 @@ def test_consumer_any_record_is_done_with_never_a_5xx(post, value: bytes) -> Non
     """Whatever a record holds, the consumer completes it or dead-letters it (2xx), so the
     records behind it are processed; a 5xx here would redeliver it forever."""
     assert post(kafkasource_event(value)) == 200
+
+
+def batch_event(data: dict | bytes, event_id: str, **attributes: str) -> dict:
+    """One structured-mode event of a batch, its data as the push adapter sends it."""
+    raw = data if isinstance(data, bytes) else orjson.dumps(data)
+    return {"specversion": "1.0", "id": event_id, "source": "/tests",
+            "type": "ad.moderation.requested", "datacontenttype": "application/json",
+            "data_base64": base64.b64encode(raw).decode(), **attributes}  # fmt: skip
+
+
+BATCH = {"content-type": "application/cloudevents-batch+json"}
+
+
+def test_consumer_batch_answers_a_result_per_event_in_order(
+    make_client, database_url: str, kafka_topics: Topics
+) -> None:
+    ads = [insert_ad(database_url, images_qty=n) for n in range(3)]
+    tasks = [insert_task(database_url, ad["item_id"]) for ad in ads]
+    gone = insert_task(database_url, insert_ad(database_url)["item_id"])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE moderation_results SET status = 'failed', error_message = 'x',"
+            " processed_at = now() WHERE id = %s",
+            (gone,),
+        )
+    events = [
+        batch_event({"item_id": ads[0]["item_id"], "task_id": tasks[0]}, "a"),
+        batch_event(b"not json", "poison"),
+        {"specversion": "1.0", "source": "/tests", "type": "t"},  # no id
+        batch_event({"item_id": ads[1]["item_id"], "task_id": tasks[1]}, "b", requestid="r-b"),
+        batch_event({"item_id": 1, "task_id": gone}, "finished-already"),
+        batch_event({"item_id": ads[2]["item_id"], "task_id": tasks[2], "retry_count": 2}, "c"),
+        batch_event({"item_id": ads[0]["item_id"], "task_id": tasks[0]}, "a-again"),
+    ]
+    response = make_client("moderation_consumer").post("/", headers=BATCH, json=events)
+    assert response.status_code == 200
+    assert response.json()["results"] == [
+        {"id": "a", "status": 200, "outcome": "completed"},
+        {"id": "poison", "status": 200, "outcome": "dead-lettered"},
+        {"id": None, "status": 400, "detail": "Bad Request: not a CloudEvent: no id"},
+        {"id": "b", "status": 200, "outcome": "completed"},
+        {"id": "finished-already", "status": 200, "outcome": "duplicate"},
+        {"id": "c", "status": 200, "outcome": "completed"},
+        {"id": "a-again", "status": 200, "outcome": "duplicate"},
+    ]
+    rows = [task_row(database_url, task_id) for task_id in tasks]
+    assert [row["status"] for row in rows] == ["completed"] * 3
+    assert [row["attempts"] for row in rows] == [1, 1, 3]
+    # The same scores as one by one (onnxruntime for the batch, the linear path alone).
+    single = insert_task(database_url, ads[1]["item_id"])
+    headers, body = binary_event({"item_id": ads[1]["item_id"], "task_id": single}, single)
+    assert make_client("moderation_consumer").post("/", headers=headers, content=body).is_success
+    alone = task_row(database_url, single)
+    assert rows[1]["is_violation"] == alone["is_violation"]
+    assert rows[1]["probability"] == pytest.approx(alone["probability"], abs=1e-12)
+    (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    assert orjson.loads(letter.value())["raw_payload"] == "not json"
+
+
+def test_consumer_batch_during_a_database_outage_retries_every_event(
+    kafka_topics: Topics,
+    disposable_postgres: EmbeddedPostgres,
+    make_client: Callable[[str], TestClient],
+) -> None:
+    ads = [insert_ad(disposable_postgres.url) for _ in range(3)]
+    tasks = [insert_task(disposable_postgres.url, ad["item_id"]) for ad in ads]
+    client = make_client("moderation_consumer")
+    disposable_postgres.stop()
+    events = [
+        batch_event({"item_id": ad["item_id"], "task_id": task_id}, str(task_id))
+        for ad, task_id in zip(ads, tasks, strict=True)
+    ]
+    response = client.post("/", headers=BATCH, json=events)
+    assert response.status_code == 200
+    assert [result["outcome"] for result in response.json()["results"]] == ["retried"] * 3
+    retries = kafka_topics.read(kafka_topics.retry, expect=3)
+    assert sorted(orjson.loads(r.value())["task_id"] for r in retries) == sorted(tasks)
+    assert all(orjson.loads(r.value())["retry_count"] == 1 for r in retries)
+    disposable_postgres.start()
+    assert {task_row(disposable_postgres.url, t)["status"] for t in tasks} == {"pending"}
+
+
+def test_consumer_batch_answers_5xx_per_event_when_its_outcome_is_not_durable(
+    disposable_postgres: EmbeddedPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+    make_client: Callable[[str], TestClient],
+) -> None:
+    ad = insert_ad(disposable_postgres.url)
+    task_id = insert_task(disposable_postgres.url, ad["item_id"])
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("DURABLE_PUBLISH_WAIT_SECONDS", "1")
+    get_settings.cache_clear()
+    client = make_client("moderation_consumer")
+    disposable_postgres.stop()
+    events = [batch_event({"item_id": ad["item_id"], "task_id": task_id}, "only")]
+    response = client.post("/", headers=BATCH, json=events)
+    assert response.status_code == 200
+    assert response.json()["results"] == [
+        {"id": "only", "status": 503, "detail": "Message broker is not available"}
+    ]
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"id": "an object"}', b"[1"])
+def test_consumer_batch_that_is_no_json_array_is_refused_with_400(make_client, body) -> None:
+    response = make_client("moderation_consumer").post("/", headers=BATCH, content=body)
+    assert response.status_code == 400
+    assert "batch" in response.json()["detail"]
+
+
+def test_consumer_batch_element_with_bad_base64_is_refused_alone(
+    make_client, database_url: str
+) -> None:
+    ad = insert_ad(database_url)
+    task_id = insert_task(database_url, ad["item_id"])
+    events = [
+        {**batch_event({}, "bad"), "data_base64": "***"},
+        batch_event({"item_id": ad["item_id"], "task_id": task_id}, "good"),
+    ]
+    response = make_client("moderation_consumer").post("/", headers=BATCH, json=events)
+    assert [result["status"] for result in response.json()["results"]] == [400, 200]
+    assert task_row(database_url, task_id)["status"] == "completed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -60,13 +61,69 @@ class Sink:
         self.server.shutdown()
 
 
+class BatchSink:
+    """A sink that also takes CloudEvents batches, answering a result per event: 503 for an
+    event whose data is in `fail_once` the first time, 200 otherwise. With `refuse`, it
+    answers every batch that way instead (a sink that takes no batches, or a broken answer).
+    It records each delivery as (mode, body), mode "batch" or "alone", and each batch's size."""
+
+    def __init__(
+        self, fail_once: frozenset[bytes] = frozenset(), refuse: tuple[int, bytes] | None = None
+    ) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self.batches: list[int] = []
+        self.events: list[dict[str, Any]] = []
+        pending_failures = set(fail_once)
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.headers["content-type"] != "application/cloudevents-batch+json":
+                    sink.received.append(("alone", body))
+                    self.answer(200, b"{}")
+                    return
+                if refuse is not None:
+                    self.answer(*refuse)
+                    return
+                events = orjson.loads(body)
+                sink.batches.append(len(events))
+                results = []
+                for event in events:
+                    data = base64.b64decode(event["data_base64"])
+                    if data in pending_failures:
+                        pending_failures.discard(data)
+                        results.append({"id": event["id"], "status": 503})
+                    else:
+                        sink.received.append(("batch", data))
+                        sink.events.append(event)
+                        results.append({"id": event["id"], "status": 200})
+                self.answer(200, orjson.dumps({"results": results}))
+
+            def answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture
 def push(kafka_topics: Topics) -> Iterator:
     """push(sink, topic=moderation, group="g-<topic>", **options): a TopicPusher delivering to
     the sink, in a thread; stopped, and its sink closed, after the test."""
-    started: list[tuple[TopicPusher, threading.Thread, Sink]] = []
+    started: list[tuple[TopicPusher, threading.Thread, Sink | BatchSink]] = []
 
-    def start(sink: Sink, topic: str | None = None, **options: Any) -> TopicPusher:
+    def start(sink: Sink | BatchSink, topic: str | None = None, **options: Any) -> TopicPusher:
         topic = topic or kafka_topics.moderation
         group = options.pop("group", f"g-{topic}")
         pusher = TopicPusher(kafka_topics.bootstrap_servers, topic, group, sink_url=sink.url,
@@ -215,10 +272,6 @@ def test_adapter_dead_letters_a_record_with_a_bad_cloudevent_header_and_goes_on(
 def test_adapter_stopped_right_after_a_delivery_has_committed_it(
     kafka_topics: Topics, push
 ) -> None:
-    from confluent_kafka import Consumer, TopicPartition
-
-    from shared.kafka_admin import consumer_config
-
     group = f"g-{kafka_topics.moderation}"
     sink = Sink()
     pusher = push(sink, group=group)
@@ -228,11 +281,79 @@ def test_adapter_stopped_right_after_a_delivery_has_committed_it(
     pushers = [t for t in threading.enumerate() if t.name == "pusher"]
     wait_for(lambda: not any(t.is_alive() for t in pushers), 10, "the pusher to stop")
     partition = int(sink.received[-1][1]["ce-kafkapartition"])
-    consumer = Consumer(consumer_config(kafka_topics.bootstrap_servers, group))
+    assert committed_offset(kafka_topics, group, partition) == 30
+
+
+def committed_offset(topics: Topics, group: str, partition: int) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from shared.kafka_admin import consumer_config
+
+    consumer = Consumer(consumer_config(topics.bootstrap_servers, group))
     try:
-        (committed,) = consumer.committed(
-            [TopicPartition(kafka_topics.moderation, partition)], timeout=10
-        )
+        wanted = [TopicPartition(topics.moderation, partition)]
+        (committed,) = consumer.committed(wanted, timeout=10)
     finally:
         consumer.close()
-    assert committed.offset == 30
+    return committed.offset
+
+
+def numbered(count: int) -> list[bytes]:
+    return [b'{"n": %d}' % n for n in range(count)]
+
+
+def test_adapter_pushes_records_already_fetched_together_in_partition_order(
+    kafka_topics: Topics, push
+) -> None:
+    produce(kafka_topics, kafka_topics.moderation, numbered(40))  # all there before it starts
+    sink = BatchSink()
+    pusher = push(sink, batch_size=16)
+    wait_for(lambda: len(sink.received) == 40, 30, "forty deliveries")
+    assert [body for _, body in sink.received] == numbered(40)
+    assert max(sink.batches) == 16 and sum(sink.batches) == 40
+    event = sink.events[0]
+    assert event["type"] == "dev.knative.kafka.event"
+    assert (event["kafkatopic"], event["kafkaoffset"]) == (kafka_topics.moderation, "0")
+    partition = int(event["kafkapartition"])
+    wait_for(lambda: pusher.delivered == 40, 10, "every delivery counted")
+    pusher.stop()
+    time.sleep(1)
+    assert committed_offset(kafka_topics, f"g-{kafka_topics.moderation}", partition) == 40
+
+
+def test_adapter_commits_a_batch_up_to_its_failed_event_and_delivers_from_there_alone(
+    kafka_topics: Topics, push
+) -> None:
+    produce(kafka_topics, kafka_topics.moderation, numbered(10))
+    sink = BatchSink(fail_once=frozenset({b'{"n": 3}'}))
+    pusher = push(sink, batch_size=100, backoff_initial=0.05)
+    wait_for(lambda: sink.received.count(("alone", b'{"n": 3}')) == 1, 30, "record 3 again")
+    wait_for(lambda: pusher.delivered >= 10, 30, "ten deliveries")
+    time.sleep(0.5)  # anything extra would show up now
+    first_batch = [body for mode, body in sink.received[: sink.batches[0] - 1]]
+    assert first_batch == [b for b in numbered(sink.batches[0]) if b != b'{"n": 3}']
+    # From the failed event to the end of its batch, each record alone and in order; then
+    # batches again.
+    alone = [body for mode, body in sink.received if mode == "alone"]
+    assert alone == numbered(sink.batches[0])[3:]
+    assert {body for _, body in sink.received} == set(numbered(10))
+    pusher.stop()
+    time.sleep(1)
+    partition = int(sink.events[0]["kafkapartition"])
+    assert committed_offset(kafka_topics, f"g-{kafka_topics.moderation}", partition) == 10
+
+
+@pytest.mark.parametrize(
+    "refuse",
+    [(415, b'{"detail": "Unsupported Media Type"}'), (200, b'{"outcome": "completed"}'),
+     (503, b"")],
+    ids=["unsupported", "no-results", "failing"],
+)  # fmt: skip
+def test_adapter_delivers_every_record_alone_when_a_batch_is_not_taken(
+    kafka_topics: Topics, push, refuse: tuple[int, bytes]
+) -> None:
+    produce(kafka_topics, kafka_topics.moderation, numbered(10))
+    sink = BatchSink(refuse=refuse)
+    pusher = push(sink, batch_size=100)
+    wait_for(lambda: pusher.delivered == 10, 30, "ten deliveries")
+    assert sink.received == [("alone", body) for body in numbered(10)]
