@@ -1,10 +1,14 @@
-"""The connection pool's autocommit blocks never hand a later user a connection in autocommit."""
+"""The connection pool: autocommit blocks never hand a later user a connection in autocommit;
+a connection the server dropped while it sat in the pool is never lent, and a healthy one is
+lent without a round trip to check it."""
 
 from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from shared import db
 
@@ -46,3 +50,39 @@ def test_a_connection_left_inside_a_transaction_is_closed_not_returned(database_
 
     autocommit, row = run(check)
     assert autocommit is False and "1" in row
+
+
+def test_a_connection_the_server_dropped_while_idle_is_replaced_and_a_healthy_one_not_checked(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks: list[object] = []
+    check_connection = AsyncConnectionPool.check_connection
+
+    async def counted(conn: psycopg.AsyncConnection) -> None:
+        checks.append(conn)
+        await check_connection(conn)
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(counted))
+
+    async def check() -> tuple[int, int, set[int], int]:
+        pids = set()
+        for _ in range(4):  # healthy and idle between uses: lent as they are
+            async with db.connection() as conn:
+                pids.add(conn.info.backend_pid)
+        healthy_checks = len(checks)
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'ad-moderation'"
+            )
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the idle connections' sockets
+        async with db.connection() as conn:  # checked, found dead, replaced: no error
+            cursor = await conn.execute("SELECT pg_backend_pid() AS pid")
+            row = await cursor.fetchone()
+            assert row is not None
+            return healthy_checks, len(checks), pids, row["pid"]
+
+    healthy_checks, all_checks, old_pids, new_pid = run(check)
+    assert healthy_checks == 0
+    assert all_checks >= 1
+    assert new_pid not in old_pids
