@@ -207,18 +207,17 @@ def demo_data(database_url: str | None) -> None:
 )
 @click.option(
     "--batch-size",
-    default=100,
-    show_default=True,
-    envvar="ADAPTER_BATCH_SIZE",
-    type=click.IntRange(min=1),
+    default=None,
+    type=click.IntRange(min=1, max=1000),
     help="Records pushed together when already fetched (CloudEvents batches); 1 pushes each"
-    " alone, as a KafkaSource does.",
+    " alone, as a KafkaSource does. [default: ADAPTER_BATCH_SIZE]",
 )
-def adapter(sink: str, group: str, concurrency: int | None, batch_size: int) -> None:
+def adapter(sink: str, group: str, concurrency: int | None, batch_size: int | None) -> None:
     """Push Kafka records to the consumer function as CloudEvents (KafkaSource semantics)."""
     from moderation.adapter import Adapter
 
     settings = get_settings()
+    batch_size = batch_size or settings.adapter_batch_size
     pushers = Adapter(
         require_broker(),
         sink,

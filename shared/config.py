@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # The consumer answers 2xx only once a retry or dead letter is acknowledged within this.
     # DATABASE_TIMEOUT plus this stays well under the push adapter's request timeout (20 s).
     durable_publish_wait_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Records the push adapter sends in one request when they are already fetched (CloudEvents
+    # batches); 1 sends each alone, as a KafkaSource does.
+    adapter_batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
     # The relay leaves rows younger than this to the publish that follows their commit.
     relay_grace_seconds: Annotated[float, Field(ge=0)] = 5.0
     relay_batch_size: Annotated[int, Field(ge=1)] = 500
