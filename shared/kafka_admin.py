@@ -86,9 +86,13 @@ def producer_config(bootstrap_servers: str, **extra: Any) -> dict[str, Any]:
         "enable.idempotence": True,
         # Implied by idempotence; spelled out because durability depends on it.
         "acks": "all",
-        # Batch for at most 5 ms (librdkafka's default, but Java's is 0): a
-        # moderation decision is not latency-critical to the millisecond.
-        "linger.ms": 5,
+        # Batch for up to 15 ms (librdkafka's default is 5): a moderation decision
+        # is not latency-critical to the millisecond, and a broker's CPU follows the
+        # number of produce requests. Measured on the dev stack at 500 accepts/s:
+        # 3.3 ms of CPU per task against 3.6 with 5 ms, accept p99 19 against 27 ms,
+        # and 789 against 707 tasks/s when saturated; at 200/s accept -> completed
+        # p50 goes from 14 to 22 ms.
+        "linger.ms": 15,
         # A record that cannot be delivered fails after 10 s instead of the
         # 300 s default, so callers see a broker outage while it matters (the
         # outbox keeps the task; the relay publishes it later).
