@@ -50,6 +50,10 @@ LAG_INTERVAL_SECONDS = 10.0
 # A pusher owning no partition this long, while the topic has one for every pusher, joins the
 # group again.
 STUCK_AFTER_SECONDS = 20.0
+# How long records fetched together may be held before those not yet delivered are given back
+# to be fetched again after a poll: well within max.poll.interval.ms (45 s), so a slow sink
+# never makes the pusher leave its group.
+HOLD_SECONDS = 15.0
 _LAGS: dict[tuple[str, int], int] = {}
 _LAG_LOCK = threading.Lock()
 
@@ -269,7 +273,9 @@ class TopicPusher(ConsumerLoop):
             total = sum(value for (topic, _), value in _LAGS.items() if topic == self.topic)
         metrics.ADAPTER_LAG.labels(self.topic).set(total)
 
-    def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> None:
+    def _handle(self, consumer: Any, client: httpx.Client, message: Any) -> bool:
+        """Deliver one record, or dead-letter it; True if its partition was set back to the
+        record after it (the records fetched behind it come again)."""
         self._server_errors = 0
         request = self._request(message)
         due = due_time(message) if self.honour_due_time and not isinstance(request, str) else None
@@ -277,7 +283,7 @@ class TopicPusher(ConsumerLoop):
         if tried and self._try_once(client, message, request):
             # The fast path: nothing paused, so what was fetched behind this record stays.
             self._commit(consumer, message)
-            return
+            return False
         # The record must wait (its due time, or a failing sink). Pause every partition this
         # consumer owns and keep polling, so it stays in its group and hands out nothing else
         # meanwhile; then start again exactly where each partition was.
@@ -296,36 +302,74 @@ class TopicPusher(ConsumerLoop):
                 if (position.topic, position.partition) == (message.topic(), message.partition()):
                     position.offset = message.offset() + 1 if done else message.offset()
             self._resume(consumer, owned, positions)
+        return True
 
     def _push_fetched(self, consumer: Any, client: httpx.Client, first: Any) -> None:
-        """`first` and the records already fetched behind it (no waiting for more): together,
-        in batches, where they may be; the others alone, each in its partition's order."""
+        """`first` and the records already fetched behind it (no waiting for more), up to
+        batch_size. A partition's records go together in batches, unless one of them must go
+        alone (it is in a range being delivered again alone, or it cannot be made into a
+        CloudEvent): then all of that partition's records go alone this time, in order."""
+        started = time.monotonic()
         records = [first]
         for message in consumer.consume(self.batch_size - 1, 0):
             if message.error():
                 log.warning("%s: consumer error: %s", self.topic, message.error())
             else:
                 records.append(message)
-        together: list[tuple[Any, tuple[dict[str, str], bytes]]] = []
-        alone: list[Any] = []
+        by_partition: dict[tuple[str, int], list[Any]] = {}
         for message in records:
-            request = self._request(message)
-            if self._goes_alone(message) or isinstance(request, str):
-                alone.append(message)
+            by_partition.setdefault((message.topic(), message.partition()), []).append(message)
+        alone: list[Any] = []
+        together: list[tuple[Any, tuple[dict[str, str], bytes]]] = []
+        for messages in by_partition.values():
+            requests = [self._request(message) for message in messages]
+            # Every record is looked at: _goes_alone ends a range once it is passed.
+            going_alone = [self._goes_alone(message) for message in messages]
+            if any(going_alone) or any(isinstance(request, str) for request in requests):
+                alone += messages
             else:
-                together.append((message, request))
+                together += [(m, r) for m, r in zip(messages, requests, strict=True)
+                             if not isinstance(r, str)]  # fmt: skip
         if len(together) == 1:
-            alone, together = records, []
-        for message in alone:
+            alone.append(together.pop()[0])
+        # Alone first: their partitions are not in the batches, so a batch's rewind never meets
+        # a record held here. A delivery that had to wait (it paused, polled and set every
+        # partition back where it was) ends the round: what is still held is given back.
+        set_back: set[tuple[str, int]] = set()
+        held = [m for m, _ in together]
+        for index, message in enumerate(alone):
             if self._stop.is_set():
                 return  # not committed: delivered again by whoever owns the partition next
-            self._handle(consumer, client, message)
-        failed: set[tuple[str, int]] = set()
+            if time.monotonic() - started > HOLD_SECONDS:
+                self._give_back(consumer, alone[index:] + held, set_back)
+                return
+            if self._handle(consumer, client, message):
+                set_back.add((message.topic(), message.partition()))
+                self._give_back(consumer, alone[index + 1 :] + held, set_back)
+                return
         for batch in self._batches(together):
-            # A partition rewound by an earlier batch gets these records again when fetched.
-            batch = [(m, r) for m, r in batch if (m.topic(), m.partition()) not in failed]
-            if batch and not self._stop.is_set():
-                failed |= self._push_together(consumer, client, batch)
+            batch = [(m, r) for m, r in batch if (m.topic(), m.partition()) not in set_back]
+            if not batch or self._stop.is_set():
+                continue
+            if time.monotonic() - started > HOLD_SECONDS:
+                self._give_back(consumer, [m for m, _ in batch], set_back)
+                continue
+            set_back |= self._push_together(consumer, client, batch)
+
+    def _give_back(self, consumer: Any, held: list[Any], set_back: set[tuple[str, int]]) -> None:
+        """Set each partition back to the first record held of it, so that they are fetched
+        again after a poll (one that keeps this consumer in its group)."""
+        from confluent_kafka import TopicPartition
+
+        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        first: dict[tuple[str, int], int] = {}
+        for message in held:
+            key = (message.topic(), message.partition())
+            if key in owned and key not in set_back:  # a lost one's new owner starts at its commit
+                first[key] = min(first.get(key, message.offset()), message.offset())
+        for key, offset in first.items():
+            consumer.seek(TopicPartition(*key, offset))  # a failure: run() starts over
+        set_back |= first.keys()
 
     def _goes_alone(self, message: Any) -> bool:
         key = (message.topic(), message.partition())
@@ -359,7 +403,7 @@ class TopicPusher(ConsumerLoop):
         """One batched push; commits each partition up to its first failed event and rewinds
         it there, so that its records from there on are delivered alone. Returns the
         partitions rewound."""
-        from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka import TopicPartition
 
         body = orjson.dumps([structured_event(*request) for _, request in batch])
         metrics.ADAPTER_IN_FLIGHT.inc(len(batch))
@@ -387,18 +431,19 @@ class TopicPusher(ConsumerLoop):
                 delivered += 1
             else:
                 first_failed[key] = message.offset()
+        metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc(delivered)
+        self.delivered += delivered
+        # Only for partitions still owned: a revoked one's new owner starts at its commit.
+        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        done = {key: offset for key, offset in done.items() if key in owned}
         if done:
             offsets = [TopicPartition(*key, offset) for key, offset in done.items()]
             consumer.commit(offsets=offsets, asynchronous=True)
             self._done.update(done)
-            self.delivered += delivered
-            metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc(delivered)
         for key, offset in first_failed.items():
-            self._alone_until[key] = last[key] + 1
-            try:
-                consumer.seek(TopicPartition(*key, offset))
-            except KafkaException as error:  # revoked meanwhile: its new owner starts there
-                log.info("%s: not rewound: %s", self.topic, error)
+            if key in owned:
+                self._alone_until[key] = last[key] + 1
+                consumer.seek(TopicPartition(*key, offset))  # a failure: run() starts over
         if first_failed:
             metrics.ADAPTER_DELIVERIES.labels(self.topic, "failed").inc(len(batch) - delivered)
         return set(first_failed)
@@ -407,6 +452,9 @@ class TopicPusher(ConsumerLoop):
         """Which events of a batch the sink is done with; none unless it answered a result
         for each (a sink that takes no batches, or is failing, gets them all alone)."""
         results = None
+        if response.status_code == 415:  # Unsupported Media Type: a sink that takes no batches
+            log.warning("%s: the sink takes no batches: one record per request", self.topic)
+            self.batch_size = 1
         if 200 <= response.status_code < 300:
             try:
                 results = response.json().get("results")

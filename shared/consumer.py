@@ -19,8 +19,10 @@ from typing import Any, cast
 from shared import db, logs, metrics, repository
 from shared.config import get_settings
 from shared.errors import (
+    DatabaseUnavailable,
     InvalidMessage,
     ItemNotFound,
+    ModelUnavailable,
     ModerationError,
     Outcome,
     ScoringFailed,
@@ -111,10 +113,10 @@ async def handle_batch(events: Sequence[CloudEvent | ModerationError]) -> list[d
             results[index] = _error_result(None, event)
             continue
         data, attributes = event
-        delivery = Delivery(raw=raw_bytes(data), origin=origin_of(attributes))
         try:
+            delivery = Delivery(raw=raw_bytes(data), origin=origin_of(attributes))
             message = parse_message(delivery.raw)
-        except InvalidMessage:
+        except (InvalidMessage, ValueError, TypeError):  # alone, to be answered as alone
             message = None
         if message is None or message.task_id is None or message.task_id in seen:
             alone.append(index)  # a task twice in one batch: the second sees the first's outcome
@@ -158,23 +160,25 @@ def _error_result(attributes: dict[str, Any] | None, error: Exception) -> dict[s
 
 
 async def _score_together(queued: list[_Queued]) -> dict[int, str | Exception]:
-    """Outcomes by event index of what was done for the whole batch: completed or duplicate
-    (or, when the batch failed, what its failure handling did). Events left out go alone."""
+    """Outcomes by event index of what was done for the whole batch: completed or duplicate,
+    or, when the database or the model is away, what that failure's handling did for each.
+    Events left out go alone, and so does the whole batch on any other failure: one bad row
+    must not fail or delay the others."""
     if not queued:
         return {}
     try:
         return await _complete_together(queued)
-    except ModerationError as error:
-        failure, retryable = error, False
-    except Exception:  # a bug: retried, never lost (as a single delivery's)
-        log.exception("unexpected error while moderating a batch")
-        failure, retryable = ScoringFailed(), True
+    except (DatabaseUnavailable, ModelUnavailable) as error:
+        failure = error
+    except Exception:  # scoring or a row failed: each event alone gets its own outcome
+        log.warning("a batch of %d could not be moderated together", len(queued), exc_info=True)
+        return {}
 
     # Each event's failure handling, as a single delivery's; run together, so the retry records
     # share the producer's batches.
     async def fail(item: _Queued) -> str:
         _log_context(item.attributes, item.message)  # in a task of its own: its own context
-        return await _on_failure(item.delivery, failure, retryable)
+        return await _on_failure(item.delivery, failure)
 
     handled = await asyncio.gather(*(fail(item) for item in queued), return_exceptions=True)
     return {

@@ -473,3 +473,26 @@ def test_consumer_batch_element_with_bad_base64_is_refused_alone(
     response = make_client("moderation_consumer").post("/", headers=BATCH, json=events)
     assert [result["status"] for result in response.json()["results"]] == [400, 200]
     assert task_row(database_url, task_id)["status"] == "completed"
+
+
+def test_consumer_batch_that_cannot_be_scored_together_scores_each_event_alone(
+    make_client, database_url: str, kafka_topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.errors import ScoringFailed
+    from shared.model import Model
+
+    def fails(self: Model, ads: object) -> None:
+        raise ScoringFailed()  # onnxruntime failing on one row of the batch
+
+    ads = [insert_ad(database_url) for _ in range(3)]
+    tasks = [insert_task(database_url, ad["item_id"]) for ad in ads]
+    client = make_client("moderation_consumer")
+    monkeypatch.setattr(Model, "score", fails)  # one ad alone goes the linear way
+    events = [
+        batch_event({"item_id": ad["item_id"], "task_id": task_id}, str(task_id))
+        for ad, task_id in zip(ads, tasks, strict=True)
+    ]
+    response = client.post("/", headers=BATCH, json=events)
+    assert [result["outcome"] for result in response.json()["results"]] == ["completed"] * 3
+    assert {task_row(database_url, t)["status"] for t in tasks} == {"completed"}
+    assert kafka_topics.read(kafka_topics.dlq) == []

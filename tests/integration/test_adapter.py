@@ -73,6 +73,7 @@ class BatchSink:
         self.received: list[tuple[str, bytes]] = []
         self.batches: list[int] = []
         self.events: list[dict[str, Any]] = []
+        self.refused = 0
         pending_failures = set(fail_once)
         sink = self
 
@@ -84,6 +85,7 @@ class BatchSink:
                     self.answer(200, b"{}")
                     return
                 if refuse is not None:
+                    sink.refused += 1
                     self.answer(*refuse)
                     return
                 events = orjson.loads(body)
@@ -357,3 +359,64 @@ def test_adapter_delivers_every_record_alone_when_a_batch_is_not_taken(
     pusher = push(sink, batch_size=100)
     wait_for(lambda: pusher.delivered == 10, 30, "ten deliveries")
     assert sink.received == [("alone", body) for body in numbered(10)]
+    if refuse[0] == 415:  # a sink that takes no batches is not offered another
+        assert (sink.refused, pusher.batch_size) == (1, 1)
+
+
+def produce_to(
+    topics: Topics, partition: int, values: list[bytes], headers: list | None = None
+) -> None:
+    producer = Producer(producer_config(topics.bootstrap_servers))
+    for value in values:
+        producer.produce(topics.moderation, value=value, partition=partition, headers=headers)
+    assert producer.flush(10) == 0
+
+
+def test_adapter_rewinds_only_the_partition_whose_event_failed(kafka_topics: Topics, push) -> None:
+    first = [b'{"p": 0, "n": %d}' % n for n in range(5)]
+    second = [b'{"p": 1, "n": %d}' % n for n in range(5)]
+    produce_to(kafka_topics, 0, first)
+    produce_to(kafka_topics, 1, second)
+    sink = BatchSink(fail_once=frozenset({first[2]}))
+    pusher = push(sink, batch_size=100, backoff_initial=0.05)
+    wait_for(lambda: pusher.delivered >= 10, 30, "ten deliveries")
+    time.sleep(0.5)  # anything extra would show up now
+    # The other partition: each record once, together. This one: from the failed record on,
+    # alone and in order, after the records before it went together.
+    assert [body for _, body in sink.received if body in second] == second
+    assert [(mode, body) for mode, body in sink.received if body in first] == [
+        ("batch", first[0]), ("batch", first[1]), ("batch", first[3]), ("batch", first[4]),
+        ("alone", first[2]), ("alone", first[3]), ("alone", first[4]),
+    ]  # fmt: skip
+    pusher.stop()
+    time.sleep(1)
+    group = f"g-{kafka_topics.moderation}"
+    assert [committed_offset(kafka_topics, group, p) for p in (0, 1)] == [5, 5]
+
+
+def test_adapter_sends_a_partition_holding_a_record_it_cannot_push_alone_in_order(
+    kafka_topics: Topics, push
+) -> None:
+    bad = [("ce_specversion", b"1.0"), ("ce_Bad Name", b"x")]
+    produce_to(kafka_topics, 0, [b"before"])
+    produce_to(kafka_topics, 0, [b"bad"], headers=bad)
+    produce_to(kafka_topics, 0, [b"after"])
+    second = [b"q%d" % n for n in range(4)]
+    produce_to(kafka_topics, 1, second)
+    sink = BatchSink()
+    pusher = push(sink, batch_size=100, dead_letter_topic=kafka_topics.dlq)
+    wait_for(lambda: pusher.delivered >= 6, 30, "six deliveries")
+    time.sleep(0.5)
+    assert [entry for entry in sink.received if entry[1] in (b"before", b"after")] == [
+        ("alone", b"before"),
+        ("alone", b"after"),
+    ]
+    assert [entry for entry in sink.received if entry[1] in second] == [
+        ("batch", body) for body in second
+    ]
+    (letter,) = kafka_topics.read(kafka_topics.dlq, expect=1)
+    assert orjson.loads(letter.value())["origin_offset"] == 1
+    pusher.stop()
+    time.sleep(1)
+    group = f"g-{kafka_topics.moderation}"
+    assert [committed_offset(kafka_topics, group, p) for p in (0, 1)] == [3, 4]
