@@ -34,7 +34,7 @@ from moderation.consuming import ConsumerLoop
 from shared import metrics
 from shared.config import get_settings
 from shared.errors import Outcome
-from shared.kafka_admin import producer_config
+from shared.kafka_admin import admin_config, consumer_config, producer_config
 from shared.messages import (
     CLOUDEVENTS_BATCH,
     DUE_AT,
@@ -50,6 +50,8 @@ LAG_INTERVAL_SECONDS = 10.0
 # A pusher owning no partition this long, while the topic has one for every pusher, joins the
 # group again.
 STUCK_AFTER_SECONDS = 20.0
+# The cluster id of the embedded broker (Tansu), the only one whose groups may need a reset.
+EMBEDDED_CLUSTER_ID = "tansu_cluster"
 # How long records fetched together may be held before those not yet delivered are given back
 # to be fetched again after a poll: well within max.poll.interval.ms (45 s), so a slow sink
 # never makes the pusher leave its group.
@@ -145,6 +147,57 @@ def due_time(message: Any) -> datetime | None:
     return None
 
 
+class StuckGroups:
+    """Which pusher of this process mends a stuck consumer group, and how: one at a time, at
+    least STUCK_AFTER_SECONDS apart. The embedded broker (Tansu 0.6) can hand a group formed
+    while its topic was missing an empty assignment it never recomputes; one member joining
+    again mends that. If every member leaves at once, the group keeps a leader that is no
+    longer a member, which no later member gets past (measured); only a reset of the group
+    at the broker mends that. So: first one pusher joins again, alone; if the group is still
+    stuck after that, the next try resets it, and so on, alternately."""
+
+    # How long offsets kept through a reset are applied to partitions assigned after it.
+    KEEP_SECONDS = 120.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._tries: dict[str, int] = {}
+        # Committed offsets of a group reset at the broker (which drops them), by partition,
+        # for the members of this process to start from; and when they were read.
+        self._kept: dict[str, tuple[float, dict[tuple[str, int], int]]] = {}
+
+    def claim(self, group: str, now: float) -> str | None:
+        """ "rejoin" or "reset" for the pusher that mends `group` now; None for the others."""
+        with self._lock:
+            if now - self._last.get(group, -STUCK_AFTER_SECONDS) < STUCK_AFTER_SECONDS:
+                return None
+            self._last[group] = now
+            tries = self._tries[group] = self._tries.get(group, 0) + 1
+            return "rejoin" if tries % 2 else "reset"
+
+    def mended(self, group: str) -> None:
+        with self._lock:
+            self._tries.pop(group, None)
+
+    def keep(self, group: str, offsets: dict[tuple[str, int], int], now: float) -> None:
+        with self._lock:
+            self._kept[group] = (now, offsets)
+
+    def kept(self, group: str, partition: tuple[str, int], now: float) -> int | None:
+        """The offset kept through a reset for a partition just assigned, once: after that,
+        this process's own commits say where it is."""
+        with self._lock:
+            since, offsets = self._kept.get(group, (0.0, {}))
+            if now - since > self.KEEP_SECONDS:
+                self._kept.pop(group, None)
+                return None
+            return offsets.pop(partition, None)
+
+
+_stuck_groups = StuckGroups()
+
+
 @dataclass
 class TopicPusher(ConsumerLoop):
     """One consumer (one thread) pushing its partitions' records to the sink."""
@@ -196,10 +249,13 @@ class TopicPusher(ConsumerLoop):
                     assignment_checked = now
                     if consumer.assignment():
                         unassigned_since = None
+                        _stuck_groups.mended(self.group_id)
                     elif unassigned_since is None:
                         unassigned_since = now
-                    elif now - unassigned_since > STUCK_AFTER_SECONDS and self._left_out(consumer):
-                        return  # run() closes this consumer and joins the group afresh
+                    elif now - unassigned_since > STUCK_AFTER_SECONDS:
+                        unassigned_since = now  # looked at again STUCK_AFTER_SECONDS from now
+                        if self._left_out(consumer) and self._mend_group(now):
+                            return  # run() closes this consumer and joins the group afresh
                 if message is None:
                     continue
                 if message.error():
@@ -222,14 +278,67 @@ class TopicPusher(ConsumerLoop):
         except KafkaException:
             return False
         partitions = len(topic.partitions) if topic is not None and not topic.error else 0
-        if partitions < self.group_size:
+        return partitions >= self.group_size
+
+    def _mend_group(self, now: float) -> bool:
+        """True if this pusher is the one to join its stuck group again (after resetting it at
+        the broker, every other time)."""
+        action = _stuck_groups.claim(self.group_id, now)
+        if action is None:
             return False
         log.warning(
-            "%s: no partition for %.0f s although the topic has %d for %d pushers;"
-            " joining the group again", self.topic, STUCK_AFTER_SECONDS, partitions,
-            self.group_size,
+            "%s: no partition for %.0f s although the topic has one for each of %d pushers;"
+            " %s", self.topic, STUCK_AFTER_SECONDS, self.group_size,
+            "joining the group again" if action == "rejoin" else "resetting the group",
         )  # fmt: skip
+        if action == "reset":
+            self._reset_group()
         return True
+
+    def _reset_group(self) -> None:
+        """Delete the group at the embedded broker and put its committed offsets back at once
+        (its members meanwhile need a second to join again). Never on another broker: a real
+        Kafka refuses to delete a group with members, and its groups do not get stuck so."""
+        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient(admin_config(self.bootstrap_servers))
+            metadata = admin.list_topics(timeout=5)
+            topic = metadata.topics.get(self.topic)
+            if metadata.cluster_id != EMBEDDED_CLUSTER_ID or topic is None:
+                return
+            keeper = Consumer(consumer_config(self.bootstrap_servers, self.group_id))
+            try:  # a consumer of the group that never joins it, to read its offsets
+                wanted = [TopicPartition(self.topic, number) for number in topic.partitions]
+                kept = {
+                    (tp.topic, tp.partition): tp.offset
+                    for tp in keeper.committed(wanted, timeout=5)
+                    if tp.offset >= 0
+                }
+            finally:
+                keeper.close()
+            # The reset drops the committed offsets: this process's pushers start from the
+            # ones read here (a member in another process starts from the oldest record).
+            _stuck_groups.keep(self.group_id, kept, time.monotonic())
+            deleted = admin.delete_consumer_groups([self.group_id], request_timeout=5)
+            deleted[self.group_id].result(10)
+        except Exception as error:  # a repair that did not work: the next try rejoins
+            log.warning("%s: group %s not reset: %r", self.topic, self.group_id, error)
+            return
+        log.warning(
+            "%s: group %s was still stuck after a member joined again: reset at the broker,"
+            " %d committed offsets kept", self.topic, self.group_id, len(kept),
+        )  # fmt: skip
+
+    def on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        now = time.monotonic()
+        kept = [_stuck_groups.kept(self.group_id, (p.topic, p.partition), now) for p in partitions]
+        if any(offset is not None for offset in kept):
+            for partition, offset in zip(partitions, kept, strict=True):
+                if offset is not None:
+                    partition.offset = offset
+            consumer.assign(partitions)
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:

@@ -45,8 +45,12 @@ class ConsumerLoop:
         consumer = Consumer(
             consumer_config(self.bootstrap_servers, self.group_id, **self.extra_config)
         )
-        consumer.subscribe([self.topic], on_revoke=self.on_revoke)
+        consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
         return consumer
+
+    def on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions handed to this consumer (called from within poll); they start at their
+        committed offsets unless this assigns them otherwise."""
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Partitions handed to another member of the group (called from within poll)."""

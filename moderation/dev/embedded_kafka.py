@@ -62,6 +62,10 @@ CLIENT_TUNING = {
     # A subscribed topic that vanished (the memory-only broker restarted) is looked for again
     # within seconds, not after the default five minutes.
     "KAFKA_CONSUMER_TOPIC_METADATA_REFRESH_INTERVAL_MS": "2000",
+    # A subscribed topic found missing (the broker came back empty) counts as gone after 0.5 s,
+    # not 30: the group then assigns it again once it is back, instead of keeping the empty
+    # assignment it made meanwhile (measured: stuck after 1 of 6 restarts instead of 6 of 8).
+    "KAFKA_CONSUMER_TOPIC_METADATA_PROPAGATION_MAX_MS": "500",
     # Reconnect quickly after a broker restart (the default backoff grows to 10 s).
     "KAFKA_RECONNECT_BACKOFF_MAX_MS": "1000",
 }

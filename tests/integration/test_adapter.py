@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -420,3 +421,55 @@ def test_adapter_sends_a_partition_holding_a_record_it_cannot_push_alone_in_orde
     time.sleep(1)
     group = f"g-{kafka_topics.moderation}"
     assert [committed_offset(kafka_topics, group, p) for p in (0, 1)] == [3, 4]
+
+
+def test_adapter_mends_a_group_whose_members_all_left_at_once(
+    kafka_topics: Topics, push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four members leave about together (as an adapter's pushers do when it stops): the
+    embedded broker can then keep a leader that is no longer a member, and fresh members never
+    get a partition. The pushers mend it (join again, then reset the group), and the offsets
+    committed before stay: nothing is pushed twice."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from moderation import adapter
+    from shared.kafka_admin import consumer_config, ensure_topics
+
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("about the embedded broker's consumer groups")
+    monkeypatch.setattr(adapter, "STUCK_AFTER_SECONDS", 3.0)
+    servers = kafka_topics.bootstrap_servers
+    topic, group = f"{kafka_topics.moderation}-four", f"g-left-at-once-{kafka_topics.moderation}"
+    ensure_topics(servers, {topic: 4})
+    producer = Producer(producer_config(servers))
+    for partition in range(4):
+        producer.produce(topic, value=b"old-%d" % partition, partition=partition)
+    assert producer.flush(10) == 0
+    keeper = Consumer(consumer_config(servers, group))  # the old records: consumed before
+    keeper.commit(offsets=[TopicPartition(topic, p, 1) for p in range(4)], asynchronous=False)
+    keeper.close()
+
+    members = [Consumer(consumer_config(servers, group)) for _ in range(4)]
+    for member in members:
+        member.subscribe([topic])
+
+    def all_assigned() -> bool:
+        for member in members:
+            member.poll(0.05)
+        return all(member.assignment() for member in members)
+
+    wait_for(all_assigned, 60, "a group of four, each with a partition")
+    for member in members:  # about together, as Adapter.stop() closes its pushers
+        member.close()
+        time.sleep(0.1)
+
+    sink = BatchSink()
+    for _ in range(4):
+        push(sink, topic=topic, group=group, group_size=4)
+        time.sleep(0.15)
+    for partition in range(4):
+        producer.produce(topic, value=b"new-%d" % partition, partition=partition)
+    assert producer.flush(10) == 0
+    wait_for(lambda: len(sink.received) >= 4, 60, "the new records, through a mended group")
+    time.sleep(1)  # anything extra would show up now
+    assert sorted(body for _, body in sink.received) == [b"new-%d" % p for p in range(4)]

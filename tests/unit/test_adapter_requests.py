@@ -164,3 +164,29 @@ def test_a_pusher_left_without_partitions_joins_again_unless_it_is_a_spare(
     finally:
         timer.cancel()
     assert returned_by_itself is rejoins
+
+
+def test_one_pusher_at_a_time_mends_a_stuck_group_joining_again_then_resetting_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moderation import adapter
+
+    monkeypatch.setattr(adapter, "STUCK_AFTER_SECONDS", 20.0)
+    groups = adapter.StuckGroups()
+    assert groups.claim("g", 100.0) == "rejoin"
+    assert groups.claim("g", 101.0) is None  # the others wait and see
+    assert groups.claim("other", 101.0) == "rejoin"  # groups are mended apart
+    assert groups.claim("g", 121.0) == "reset"  # joining again did not help
+    assert groups.claim("g", 142.0) == "rejoin"
+    groups.mended("g")  # a pusher got a partition: start over
+    assert groups.claim("g", 163.0) == "rejoin"
+
+
+def test_offsets_kept_through_a_reset_are_applied_once_and_not_for_long() -> None:
+    from moderation import adapter
+
+    groups = adapter.StuckGroups()
+    groups.keep("g", {("t", 0): 5, ("t", 1): 7}, now=10.0)
+    assert groups.kept("g", ("t", 0), now=11.0) == 5
+    assert groups.kept("g", ("t", 0), now=12.0) is None  # its own commits say where it is now
+    assert groups.kept("g", ("t", 1), now=10.0 + groups.KEEP_SECONDS + 1) is None
