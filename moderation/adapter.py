@@ -55,7 +55,7 @@ EMBEDDED_CLUSTER_ID = "tansu_cluster"
 # How long records fetched together may be held before those not yet delivered are given back
 # to be fetched again after a poll: well within max.poll.interval.ms (45 s), so a slow sink
 # never makes the pusher leave its group.
-HOLD_SECONDS = 15.0
+HOLD_SECONDS = 10.0
 _LAGS: dict[tuple[str, int], int] = {}
 _LAG_LOCK = threading.Lock()
 
@@ -157,7 +157,7 @@ class StuckGroups:
     stuck after that, the next try resets it, and so on, alternately."""
 
     # How long offsets kept through a reset are applied to partitions assigned after it.
-    KEEP_SECONDS = 120.0
+    KEEP_SECONDS = 30.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -166,6 +166,7 @@ class StuckGroups:
         # Committed offsets of a group reset at the broker (which drops them), by partition,
         # for the members of this process to start from; and when they were read.
         self._kept: dict[str, tuple[float, dict[tuple[str, int], int]]] = {}
+        self._positions: dict[str, dict[tuple[str, int], int] | None] = {}
 
     def claim(self, group: str, now: float) -> str | None:
         """ "rejoin" or "reset" for the pusher that mends `group` now; None for the others."""
@@ -179,6 +180,16 @@ class StuckGroups:
     def mended(self, group: str) -> None:
         with self._lock:
             self._tries.pop(group, None)
+
+    def note_position(self, group: str, committed: dict[tuple[str, int], int] | None) -> None:
+        """The group's committed offsets when it was last tried: a reset must see them
+        unchanged (a group whose offsets move is consuming somewhere)."""
+        with self._lock:
+            self._positions[group] = committed
+
+    def position(self, group: str) -> dict[tuple[str, int], int] | None:
+        with self._lock:
+            return self._positions.get(group)
 
     def keep(self, group: str, offsets: dict[tuple[str, int], int], now: float) -> None:
         with self._lock:
@@ -254,7 +265,7 @@ class TopicPusher(ConsumerLoop):
                         unassigned_since = now
                     elif now - unassigned_since > STUCK_AFTER_SECONDS:
                         unassigned_since = now  # looked at again STUCK_AFTER_SECONDS from now
-                        if self._left_out(consumer) and self._mend_group(now):
+                        if self._left_out(consumer) and self._mend_group(consumer, now):
                             return  # run() closes this consumer and joins the group afresh
                 if message is None:
                     continue
@@ -280,65 +291,103 @@ class TopicPusher(ConsumerLoop):
         partitions = len(topic.partitions) if topic is not None and not topic.error else 0
         return partitions >= self.group_size
 
-    def _mend_group(self, now: float) -> bool:
+    def _mend_group(self, consumer: Any, now: float) -> bool:
         """True if this pusher is the one to join its stuck group again (after resetting it at
         the broker, every other time)."""
         action = _stuck_groups.claim(self.group_id, now)
         if action is None:
             return False
+        position = self._group_position(consumer)
+        if action == "reset" and position is not None:
+            committed, waiting = position
+            if committed != _stuck_groups.position(self.group_id) or not waiting:
+                # Its offsets moved (a member elsewhere consumes: these pushers are spares), or
+                # no record waits: nothing to mend now.
+                _stuck_groups.mended(self.group_id)
+                return False
+        _stuck_groups.note_position(self.group_id, position[0] if position else None)
+        reset = action == "reset" and position is not None
         log.warning(
             "%s: no partition for %.0f s although the topic has one for each of %d pushers;"
             " %s", self.topic, STUCK_AFTER_SECONDS, self.group_size,
-            "joining the group again" if action == "rejoin" else "resetting the group",
+            "resetting the group" if reset else "joining the group again",
         )  # fmt: skip
-        if action == "reset":
-            self._reset_group()
+        if reset and position is not None:
+            self._reset_group(position[0])
         return True
 
-    def _reset_group(self) -> None:
-        """Delete the group at the embedded broker and put its committed offsets back at once
-        (its members meanwhile need a second to join again). Never on another broker: a real
-        Kafka refuses to delete a group with members, and its groups do not get stuck so."""
+    def _group_position(self, consumer: Any) -> tuple[dict[tuple[str, int], int], bool] | None:
+        """On the embedded broker only: the group's committed offsets on this topic, and
+        whether records wait beyond them (its end offsets are approximate, never too high
+        for this). None on any other broker, or when it does not answer."""
         from confluent_kafka import Consumer, TopicPartition
-        from confluent_kafka.admin import AdminClient
 
         try:
-            admin = AdminClient(admin_config(self.bootstrap_servers))
-            metadata = admin.list_topics(timeout=5)
+            metadata = consumer.list_topics(timeout=2)  # all topics: one would be created
             topic = metadata.topics.get(self.topic)
             if metadata.cluster_id != EMBEDDED_CLUSTER_ID or topic is None:
-                return
+                return None
             keeper = Consumer(consumer_config(self.bootstrap_servers, self.group_id))
             try:  # a consumer of the group that never joins it, to read its offsets
                 wanted = [TopicPartition(self.topic, number) for number in topic.partitions]
-                kept = {
+                committed = {
                     (tp.topic, tp.partition): tp.offset
                     for tp in keeper.committed(wanted, timeout=5)
                     if tp.offset >= 0
                 }
+                waiting = False
+                for partition in wanted:
+                    low, high = keeper.get_watermark_offsets(partition, timeout=2)
+                    waiting |= high > committed.get((partition.topic, partition.partition), low)
             finally:
                 keeper.close()
-            # The reset drops the committed offsets: this process's pushers start from the
-            # ones read here (a member in another process starts from the oldest record).
-            _stuck_groups.keep(self.group_id, kept, time.monotonic())
+        except Exception as error:  # cannot tell: only joining again is tried
+            log.info("%s: group %s not looked at: %r", self.topic, self.group_id, error)
+            return None
+        return committed, waiting
+
+    def _reset_group(self, committed: dict[tuple[str, int], int]) -> None:
+        """Delete the group at the embedded broker: the one way out once it keeps a leader
+        that is gone. The committed offsets go with it: this process's pushers start from the
+        ones read just before, and commit them (a member in another process would start from
+        the oldest record: duplicates). Never on another broker: a real Kafka refuses to
+        delete a group with members, and its groups do not get stuck so."""
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient(admin_config(self.bootstrap_servers))
             deleted = admin.delete_consumer_groups([self.group_id], request_timeout=5)
             deleted[self.group_id].result(10)
-        except Exception as error:  # a repair that did not work: the next try rejoins
+        except Exception as error:  # a repair that did not work: the next try joins again
             log.warning("%s: group %s not reset: %r", self.topic, self.group_id, error)
             return
+        _stuck_groups.keep(self.group_id, committed, time.monotonic())
         log.warning(
             "%s: group %s was still stuck after a member joined again: reset at the broker,"
-            " %d committed offsets kept", self.topic, self.group_id, len(kept),
+            " %d committed offsets kept", self.topic, self.group_id, len(committed),
         )  # fmt: skip
 
     def on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """After a reset: start from the offsets kept, and commit them at once, so that the
+        next owner of a partition starts there too. An offset beyond the partition's end
+        (the broker restarted meanwhile: a new log) is not used."""
+        from confluent_kafka import TopicPartition
+
         now = time.monotonic()
         kept = [_stuck_groups.kept(self.group_id, (p.topic, p.partition), now) for p in partitions]
-        if any(offset is not None for offset in kept):
-            for partition, offset in zip(partitions, kept, strict=True):
-                if offset is not None:
-                    partition.offset = offset
-            consumer.assign(partitions)
+        if all(offset is None for offset in kept):
+            return
+        applied = []
+        for partition, offset in zip(partitions, kept, strict=True):
+            if offset is None:
+                continue
+            _, high = consumer.get_watermark_offsets(partition, timeout=2)
+            if offset <= high:
+                partition.offset = offset
+                applied.append(TopicPartition(partition.topic, partition.partition, offset))
+        consumer.assign(partitions)
+        if applied:
+            consumer.commit(offsets=applied, asynchronous=False)
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:
@@ -410,7 +459,7 @@ class TopicPusher(ConsumerLoop):
             for position in positions:
                 if (position.topic, position.partition) == (message.topic(), message.partition()):
                     position.offset = message.offset() + 1 if done else message.offset()
-            self._resume(consumer, owned, positions)
+            self._resume(consumer, positions)
         return True
 
     def _push_fetched(self, consumer: Any, client: httpx.Client, first: Any) -> None:
@@ -672,17 +721,16 @@ class TopicPusher(ConsumerLoop):
         if message is not None and not message.error():
             consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
 
-    def _resume(self, consumer: Any, owned: list[Any], positions: list[Any]) -> None:
-        from confluent_kafka import KafkaException
-
-        try:
-            for position in positions:
-                if position.offset >= 0:
-                    consumer.seek(position)
-            consumer.resume(owned)
-        except KafkaException as error:
-            # Partitions revoked meanwhile: their new owner starts at the committed offsets.
-            log.info("%s: not resumed: %s", self.topic, error)
+    def _resume(self, consumer: Any, positions: list[Any]) -> None:
+        # Partitions revoked meanwhile are left alone: their new owner starts at the committed
+        # offsets. A seek that fails on one still owned raises: run() starts over from them.
+        assigned = consumer.assignment()
+        still_owned = {(tp.topic, tp.partition) for tp in assigned}
+        for position in positions:
+            if position.offset >= 0 and (position.topic, position.partition) in still_owned:
+                consumer.seek(position)
+        # All of them: a pause outlives a rebalance that hands a partition back.
+        consumer.resume(assigned)
 
     def _deliver_with_backoff(
         self,

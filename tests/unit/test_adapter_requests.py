@@ -139,7 +139,7 @@ class IdleConsumer:
         from types import SimpleNamespace
 
         topic = SimpleNamespace(partitions=dict.fromkeys(range(self.partitions)), error=None)
-        return SimpleNamespace(topics={"moderation": topic})
+        return SimpleNamespace(topics={"moderation": topic}, cluster_id="a-real-kafka")
 
 
 @pytest.mark.parametrize(("partitions", "rejoins"), [(4, True), (2, False)])
