@@ -262,11 +262,14 @@ def test_consumer_after_last_retry_dead_letters_and_recorder_fails_task_once_dat
     assert "3 retries" in row["error_message"]
 
 
-def test_consumer_answers_5xx_when_retry_cannot_be_published(
+@pytest.fixture
+def stranded(
     disposable_postgres: EmbeddedPostgres,
     monkeypatch: pytest.MonkeyPatch,
     make_client: Callable[[str], TestClient],
-) -> None:
+) -> tuple[TestClient, dict]:
+    """The consumer with a pending task, then neither its database nor any broker: nothing it
+    can do for the task is durable. (client, the task's record)"""
     ad = insert_ad(disposable_postgres.url)
     task_id = insert_task(disposable_postgres.url, ad["item_id"])
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
@@ -274,7 +277,14 @@ def test_consumer_answers_5xx_when_retry_cannot_be_published(
     get_settings.cache_clear()
     client = make_client("moderation_consumer")
     disposable_postgres.stop()
-    headers, body = binary_event({"item_id": ad["item_id"], "task_id": task_id}, task_id)
+    return client, {"item_id": ad["item_id"], "task_id": task_id}
+
+
+def test_consumer_answers_5xx_when_retry_cannot_be_published(
+    stranded: tuple[TestClient, dict],
+) -> None:
+    client, record = stranded
+    headers, body = binary_event(record, record["task_id"])
     response = client.post("/", headers=headers, content=body)
     assert response.status_code == 503  # 5xx: the record is delivered again
     assert response.json() == {"detail": "Message broker is not available"}
@@ -435,18 +445,10 @@ def test_consumer_batch_during_a_database_outage_retries_every_event(
 
 
 def test_consumer_batch_answers_5xx_per_event_when_its_outcome_is_not_durable(
-    disposable_postgres: EmbeddedPostgres,
-    monkeypatch: pytest.MonkeyPatch,
-    make_client: Callable[[str], TestClient],
+    stranded: tuple[TestClient, dict],
 ) -> None:
-    ad = insert_ad(disposable_postgres.url)
-    task_id = insert_task(disposable_postgres.url, ad["item_id"])
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
-    monkeypatch.setenv("DURABLE_PUBLISH_WAIT_SECONDS", "1")
-    get_settings.cache_clear()
-    client = make_client("moderation_consumer")
-    disposable_postgres.stop()
-    events = [batch_event({"item_id": ad["item_id"], "task_id": task_id}, "only")]
+    client, record = stranded
+    events = [batch_event(record, "only")]
     response = client.post("/", headers=BATCH, json=events)
     assert response.status_code == 200
     assert response.json()["results"] == [

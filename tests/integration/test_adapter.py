@@ -23,7 +23,24 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.integration
 
 
-class Sink:
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Served:
+    """An HTTP server on a free port, serving in a thread until close()."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Sink(Served):
     """An HTTP sink that fails the first `failures` requests with 503, rejects a body equal
     to `reject` with 400 and fails on a body equal to `crash` with 500; it records what it
     accepts."""
@@ -36,7 +53,7 @@ class Sink:
         self.attempts = 0
         sink = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 sink.attempts += 1
@@ -51,18 +68,10 @@ class Sink:
                     self.send_response(200)
                 self.end_headers()
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+        self.serve(Handler)
 
 
-class BatchSink:
+class BatchSink(Served):
     """A sink that also takes CloudEvents batches, answering a result per event: 503 for an
     event whose data is in `fail_once` the first time, 200 otherwise. With `refuse`, it
     answers every batch that way instead (a sink that takes no batches, or a broken answer).
@@ -78,7 +87,7 @@ class BatchSink:
         pending_failures = set(fail_once)
         sink = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.headers["content-type"] != "application/cloudevents-batch+json":
@@ -109,15 +118,7 @@ class BatchSink:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+        self.serve(Handler)
 
 
 @pytest.fixture
