@@ -154,7 +154,8 @@ class StuckGroups:
     again mends that. If every member leaves at once, the group keeps a leader that is no
     longer a member, which no later member gets past (measured); only a reset of the group
     at the broker mends that. So: first one pusher joins again, alone; if the group is still
-    stuck after that, the next try resets it, and so on, alternately."""
+    stuck after that (its offsets unmoved, records waiting), the next try resets it, and so
+    on, alternately."""
 
     # How long offsets kept through a reset are applied to partitions assigned after it.
     KEEP_SECONDS = 30.0
@@ -169,7 +170,7 @@ class StuckGroups:
         self._positions: dict[str, dict[tuple[str, int], int] | None] = {}
 
     def claim(self, group: str, now: float) -> str | None:
-        """ "rejoin" or "reset" for the pusher that mends `group` now; None for the others."""
+        """How the pusher asking mends `group` now ("rejoin" or "reset"), or None: not it."""
         with self._lock:
             if now - self._last.get(group, -STUCK_AFTER_SECONDS) < STUCK_AFTER_SECONDS:
                 return None
