@@ -203,6 +203,49 @@ async def accept_task(
     return None if row is None else (int(row["task_id"]), int(row["id"]))
 
 
+_ACCEPT_MANY = """
+WITH input AS (
+    SELECT nextval(pg_get_serial_sequence('moderation_results', 'id')) AS id, i.*
+    FROM unnest(%(items)s::int[], %(payloads)s::jsonb[], %(headers)s::jsonb[])
+        WITH ORDINALITY AS i(item_id, payload, headers, n)
+    WHERE EXISTS (SELECT 1 FROM advertisements a WHERE a.id = i.item_id)
+), task AS (
+    INSERT INTO moderation_results (id, item_id) SELECT id, item_id FROM input
+), outbox AS (
+    INSERT INTO outbox (task_id, topic, key, payload, headers)
+    SELECT id, %(topic)s, item_id::text,
+        jsonb_set(payload, '{task_id}', to_jsonb(id)),
+        jsonb_set(headers, '{ce_id}', to_jsonb(id::text))
+    FROM input
+    RETURNING id, task_id
+)
+SELECT input.n, outbox.task_id, outbox.id FROM input JOIN outbox ON outbox.task_id = input.id
+"""
+
+
+async def accept_tasks(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    topic: str,
+    requests: Sequence[tuple[int, dict[str, Any], dict[str, str]]],
+) -> dict[int, tuple[int, int]]:
+    """accept_task for several (item_id, payload, headers) without an idempotency key, in one
+    statement: (task id, outbox id) by the request's index; an index left out has no ad."""
+    from psycopg.types.json import Jsonb
+
+    items, payloads, headers = zip(*requests, strict=True)
+    cursor = await conn.execute(
+        _ACCEPT_MANY,
+        {
+            "items": list(items), "payloads": [Jsonb(p) for p in payloads],
+            "headers": [Jsonb(h) for h in headers], "topic": topic,
+        },
+    )  # fmt: skip
+    return {
+        int(row["n"]) - 1: (int(row["task_id"]), int(row["id"])) for row in await cursor.fetchall()
+    }
+
+
 async def lock_unpublished(
     conn: psycopg.AsyncConnection[Any], *, limit: int, older_than_seconds: float
 ) -> list[dict[str, Any]]:

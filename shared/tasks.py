@@ -31,12 +31,15 @@ async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccept
     for _ in range(2):  # again once if the ad was stored while the first statement ran
         payload = moderation_payload(item_id, None)  # the statement puts the task id in both
         headers = cloudevent_headers("", SOURCE_ACCEPTED)
-        async with db.connection(autocommit=True) as conn:
-            made = await repository.accept_task(
-                conn, item_id=item_id, idempotency_key=idempotency_key,
-                topic=settings.moderation_topic, key=str(item_id), payload=payload,
-                headers=headers,
-            )  # fmt: skip
+        if idempotency_key is None:
+            made = await _accepts.accept(item_id, payload, headers)
+        else:
+            async with db.connection(autocommit=True) as conn:
+                made = await repository.accept_task(
+                    conn, item_id=item_id, idempotency_key=idempotency_key,
+                    topic=settings.moderation_topic, key=str(item_id), payload=payload,
+                    headers=headers,
+                )  # fmt: skip
         if made is not None:
             task_id, outbox_id = made
             payload["task_id"], headers["ce_id"] = task_id, str(task_id)
@@ -47,6 +50,56 @@ async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccept
         if replay is not None:
             return replay
     raise ItemNotFound()  # (stored, yet not seen twice: cannot happen; never loop)
+
+
+class _Accepts:
+    """Accepts without an idempotency key that arrive while a statement is under way go
+    together in the next one: one statement and one commit for all of them. Nothing waits to
+    fill a group: at low rates each goes alone, at once."""
+
+    MAX_GROUP = 100
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[int, dict[str, Any], dict[str, str], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def accept(
+        self, item_id: int, payload: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, int] | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int] | None] = loop.create_future()
+        self._waiting.append((item_id, payload, headers, future))
+        if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
+            self._writer = loop.create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Requests of a loop that is gone (a test's client closed) are dropped, never written.
+        self._waiting = [entry for entry in self._waiting if entry[3].get_loop() is loop]
+        while self._waiting:
+            group = self._waiting[: self.MAX_GROUP]
+            del self._waiting[: self.MAX_GROUP]
+            try:
+                async with db.connection(autocommit=True) as conn:
+                    made = await repository.accept_tasks(
+                        conn,
+                        topic=get_settings().moderation_topic,
+                        requests=[
+                            (item_id, payload, headers) for item_id, payload, headers, _ in group
+                        ],
+                    )
+            except Exception as error:  # each request answers it as its own
+                for *_, future in group:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for index, (*_, future) in enumerate(group):
+                if not future.done():  # (a request cancelled meanwhile: its task stays)
+                    future.set_result(made.get(index))
+
+
+_accepts = _Accepts()
 
 
 async def _replay(item_id: int, idempotency_key: str | None) -> TaskReplay | None:

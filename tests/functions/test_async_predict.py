@@ -389,14 +389,67 @@ def test_an_ad_stored_while_the_accept_ran_is_accepted_on_the_second_try(
     from shared import repository
 
     ad = insert_ad(database_url)
-    real = repository.accept_task
+    real = repository.accept_tasks
     calls: list[int] = []
 
-    async def missed_once(*args: object, **kwargs: object) -> tuple[int, int] | None:
+    async def missed_once(*args: object, **kwargs: object) -> dict[int, tuple[int, int]]:
         calls.append(1)
-        return None if len(calls) == 1 else await real(*args, **kwargs)  # type: ignore[arg-type]
+        return {} if len(calls) == 1 else await real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(repository, "accept_task", missed_once)
+    monkeypatch.setattr(repository, "accept_tasks", missed_once)
     response = accept.post("/async_predict", params={"item_id": ad["item_id"]})
     assert response.status_code == 200 and len(calls) == 2
     assert outbox_rows(database_url, response.json()["task_id"])  # with its outbox row
+
+
+def test_accepts_arriving_together_go_in_one_statement_each_with_its_own_task_and_record(
+    database_url: str, kafka_topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from shared import db, logs, repository, tasks
+    from shared.errors import ItemNotFound
+
+    get_settings.cache_clear()
+    ads = [insert_ad(database_url)["item_id"] for _ in range(3)]
+    asked = [ads[n % 3] for n in range(30)] + [2_000_000_000]  # the last one: no such ad
+    real = repository.accept_tasks
+    groups: list[int] = []
+
+    async def counted(conn, *, topic, requests):  # type: ignore[no-untyped-def]
+        groups.append(len(requests))
+        return await real(conn, topic=topic, requests=requests)
+
+    monkeypatch.setattr(repository, "accept_tasks", counted)
+
+    async def one(number: int, item_id: int) -> int | str:
+        logs.request_id.set(f"request-{number}")
+        try:
+            return (await tasks.accept(item_id)).task_id
+        except ItemNotFound:
+            return "404"
+
+    async def all_at_once() -> list[int | str]:
+        try:
+            return await asyncio.gather(*(one(n, item) for n, item in enumerate(asked)))
+        finally:
+            await db.close()
+
+    answers = asyncio.run(all_at_once())
+    assert answers[-1] == "404"
+    task_ids = answers[:-1]
+    assert len(set(task_ids)) == 30
+    assert len(groups) < 30 and max(groups) > 1  # together, not one statement each
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT t.id, t.item_id, o.payload, o.headers FROM moderation_results t"
+            " JOIN outbox o ON o.task_id = t.id WHERE t.id = ANY(%s)",
+            (task_ids,),
+        ).fetchall()
+    by_task = {row[0]: row for row in rows}
+    for number, (task_id, item_id) in enumerate(zip(task_ids, asked, strict=False)):
+        _, stored_item, payload, headers = by_task[task_id]
+        assert stored_item == item_id
+        assert (payload["task_id"], payload["item_id"]) == (task_id, item_id)
+        assert headers["ce_id"] == str(task_id)
+        assert headers["ce_requestid"] == f"request-{number}"  # its own request's id
