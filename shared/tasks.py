@@ -4,7 +4,10 @@ and relay outbox rows that were not published right after their commit."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import logging
+import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -12,7 +15,14 @@ import orjson
 
 from shared import db, metrics, repository
 from shared.config import get_settings
-from shared.errors import BrokerUnavailable, IdempotencyConflict, ItemNotFound, TaskNotFound
+from shared.errors import (
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    ItemNotFound,
+    ModerationError,
+    TaskNotFound,
+)
 from shared.kafka import get_publisher
 from shared.messages import SOURCE_ACCEPTED, Record, cloudevent_headers, moderation_payload
 from shared.schemas import TaskAccepted, TaskReplay, TaskResult
@@ -32,7 +42,7 @@ async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccept
         payload = moderation_payload(item_id, None)  # the statement puts the task id in both
         headers = cloudevent_headers("", SOURCE_ACCEPTED)
         if idempotency_key is None:
-            made = await _accepts.accept(item_id, payload, headers)
+            made = await _accepts().accept(item_id, payload, headers)
         else:
             async with db.connection(autocommit=True) as conn:
                 made = await repository.accept_task(
@@ -52,54 +62,98 @@ async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccept
     raise ItemNotFound()  # (stored, yet not seen twice: cannot happen; never loop)
 
 
+_Waiting = tuple[int, dict[str, Any], dict[str, str], "asyncio.Future[tuple[int, int] | None]"]
+
+
 class _Accepts:
     """Accepts without an idempotency key that arrive while a statement is under way go
     together in the next one: one statement and one commit for all of them. Nothing waits to
-    fill a group: at low rates each goes alone, at once."""
+    fill a group: at low rates each goes alone, at once. One per event loop (one per worker).
+
+    A request waits at most DATABASE_TIMEOUT in all, as it waits for a pooled connection, then
+    answers 503; so do requests beyond MAX_WAITING. A request that gave up is not written (if
+    its group's statement had already begun, its task is committed with its outbox row, and
+    completes: a 503 promises nothing)."""
 
     MAX_GROUP = 100
+    MAX_WAITING = 10 * MAX_GROUP
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[int, dict[str, Any], dict[str, str], asyncio.Future[Any]]] = []
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         self._writer: asyncio.Task[None] | None = None
 
     async def accept(
         self, item_id: int, payload: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, int] | None:
+        if len(self._waiting) >= self.MAX_WAITING:
+            raise DatabaseUnavailable()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int] | None] = loop.create_future()
         self._waiting.append((item_id, payload, headers, future))
-        if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
-            self._writer = loop.create_task(self._write())
-        return await future
+        if self._writer is None or self._writer.done():
+            # In a context of its own: its logs are no request's.
+            self._writer = loop.create_task(self._write(), context=contextvars.Context())
+        try:
+            return await asyncio.wait_for(future, get_settings().database_timeout)
+        except TimeoutError:
+            log.warning("database is not available: no accept statement within the timeout")
+            raise DatabaseUnavailable() from None
 
     async def _write(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Requests of a loop that is gone (a test's client closed) are dropped, never written.
-        self._waiting = [entry for entry in self._waiting if entry[3].get_loop() is loop]
-        while self._waiting:
-            group = self._waiting[: self.MAX_GROUP]
-            del self._waiting[: self.MAX_GROUP]
-            try:
-                async with db.connection(autocommit=True) as conn:
-                    made = await repository.accept_tasks(
-                        conn,
-                        topic=get_settings().moderation_topic,
-                        requests=[
-                            (item_id, payload, headers) for item_id, payload, headers, _ in group
-                        ],
-                    )
-            except Exception as error:  # each request answers it as its own
-                for *_, future in group:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for index, (*_, future) in enumerate(group):
-                if not future.done():  # (a request cancelled meanwhile: its task stays)
-                    future.set_result(made.get(index))
+        group: list[_Waiting] = []
+        try:
+            while self._waiting:
+                group = []
+                while self._waiting and len(group) < self.MAX_GROUP:
+                    entry = self._waiting.popleft()
+                    if not entry[3].done():  # gave up meanwhile: not written
+                        group.append(entry)
+                if group:
+                    await self._write_group(group)
+        finally:  # cancelled (the loop is closing): nobody is left waiting for ever
+            for *_, future in [*group, *self._waiting]:
+                if not future.done():
+                    future.set_exception(DatabaseUnavailable())
+            self._waiting.clear()
+
+    async def _write_group(self, group: list[_Waiting]) -> None:
+        try:
+            async with db.connection(autocommit=True) as conn:
+                made = await repository.accept_tasks(
+                    conn,
+                    topic=get_settings().moderation_topic,
+                    requests=[(item, payload, headers) for item, payload, headers, _ in group],
+                )
+        except Exception as error:  # each request answers it as its own
+            if not isinstance(error, ModerationError):
+                log.exception("accepting %d tasks failed", len(group))
+            for *_, future in group:
+                if not future.done():
+                    future.set_exception(_each_its_own(error))
+            return
+        for index, (*_, future) in enumerate(group):
+            if not future.done():
+                future.set_result(made.get(index))
 
 
-_accepts = _Accepts()
+def _each_its_own(error: Exception) -> ModerationError:
+    """An exception object for one waiting request (never one shared by a whole group)."""
+    if isinstance(error, ModerationError):
+        return type(error)(error.detail_value)
+    return ModerationError()
+
+
+_accepts_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Accepts] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _accepts() -> _Accepts:
+    loop = asyncio.get_running_loop()
+    accepts = _accepts_by_loop.get(loop)
+    if accepts is None:
+        accepts = _accepts_by_loop[loop] = _Accepts()
+    return accepts
 
 
 async def _replay(item_id: int, idempotency_key: str | None) -> TaskReplay | None:

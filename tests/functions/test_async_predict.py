@@ -421,6 +421,7 @@ def test_accepts_arriving_together_go_in_one_statement_each_with_its_own_task_an
         return await real(conn, topic=topic, requests=requests)
 
     monkeypatch.setattr(repository, "accept_tasks", counted)
+    monkeypatch.setattr(tasks._Accepts, "MAX_GROUP", 7)  # several groups
 
     async def one(number: int, item_id: int) -> int | str:
         logs.request_id.set(f"request-{number}")
@@ -439,13 +440,14 @@ def test_accepts_arriving_together_go_in_one_statement_each_with_its_own_task_an
     assert answers[-1] == "404"
     task_ids = answers[:-1]
     assert len(set(task_ids)) == 30
-    assert len(groups) < 30 and max(groups) > 1  # together, not one statement each
+    assert groups == [7, 7, 7, 7, 3]  # together, not one statement each
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
             "SELECT t.id, t.item_id, o.payload, o.headers FROM moderation_results t"
             " JOIN outbox o ON o.task_id = t.id WHERE t.id = ANY(%s)",
             (task_ids,),
         ).fetchall()
+    assert len(rows) == 30  # one outbox row each
     by_task = {row[0]: row for row in rows}
     for number, (task_id, item_id) in enumerate(zip(task_ids, asked, strict=False)):
         _, stored_item, payload, headers = by_task[task_id]
@@ -453,3 +455,81 @@ def test_accepts_arriving_together_go_in_one_statement_each_with_its_own_task_an
         assert (payload["task_id"], payload["item_id"]) == (task_id, item_id)
         assert headers["ce_id"] == str(task_id)
         assert headers["ce_requestid"] == f"request-{number}"  # its own request's id
+
+
+def test_accepts_of_a_group_whose_statement_fails_each_answer_503_and_the_next_group_goes_on(
+    database_url: str, kafka_topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from shared import db, repository, tasks
+    from shared.errors import DatabaseUnavailable
+
+    get_settings.cache_clear()
+    item_id = insert_ad(database_url)["item_id"]
+    real = repository.accept_tasks
+    calls: list[int] = []
+
+    async def first_fails(conn, *, topic, requests):  # type: ignore[no-untyped-def]
+        calls.append(len(requests))
+        if len(calls) == 1:
+            raise DatabaseUnavailable()
+        return await real(conn, topic=topic, requests=requests)
+
+    monkeypatch.setattr(repository, "accept_tasks", first_fails)
+    monkeypatch.setattr(tasks._Accepts, "MAX_GROUP", 3)
+
+    async def one() -> int | str:
+        try:
+            return (await tasks.accept(item_id)).task_id
+        except DatabaseUnavailable as error:
+            return str(error)
+
+    async def all_at_once() -> list[int | str]:
+        try:
+            return await asyncio.gather(*(one() for _ in range(5)))
+        finally:
+            await db.close()
+
+    answers = asyncio.run(all_at_once())
+    assert answers[:3] == ["Database is not available"] * 3
+    assert all(isinstance(answer, int) for answer in answers[3:])
+    assert calls == [3, 2]
+
+
+def test_accepts_waiting_longer_than_the_database_timeout_answer_503(
+    database_url: str, kafka_topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from shared import db, repository, tasks
+    from shared.errors import DatabaseUnavailable
+
+    monkeypatch.setenv("DATABASE_TIMEOUT", "0.5")
+    get_settings.cache_clear()
+    item_id = insert_ad(database_url)["item_id"]
+    real = repository.accept_tasks
+
+    async def slow(conn, *, topic, requests):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(5)  # a statement that hangs
+        return await real(conn, topic=topic, requests=requests)
+
+    monkeypatch.setattr(repository, "accept_tasks", slow)
+
+    async def answer() -> str:
+        try:
+            await tasks.accept(item_id)
+        except DatabaseUnavailable as error:
+            return str(error)
+        return "accepted"
+
+    async def run() -> tuple[str, float]:
+        started = asyncio.get_running_loop().time()
+        try:
+            return await answer(), asyncio.get_running_loop().time() - started
+        finally:
+            await db.close()
+
+    answered, seconds = asyncio.run(run())
+    assert answered == "Database is not available"
+    assert seconds < 4  # at the timeout (0.5 s), not when the statement ends (5 s)
