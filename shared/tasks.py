@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 async def accept(item_id: int, idempotency_key: str | None = None) -> TaskAccepted:
     """The commit is the promise: once it returns, the task reaches completed or failed.
 
-    The task and its outbox row are made by one statement (one round trip); the record is then
+    The task and its outbox row are made by one statement (one round trip, shared with the
+    accepts without a key that arrive meanwhile: _Accepts); the record is then
     published in the background, so the answer does not wait for the broker. A record that is
     not delivered is the relay's to publish. A key used before gives that task as it is now (a
     TaskReplay), and nothing new."""
