@@ -210,6 +210,11 @@ class StuckGroups:
 _stuck_groups = StuckGroups()
 
 
+def _owned(consumer: Any) -> set[tuple[str, int]]:
+    """The (topic, partition) pairs assigned to a consumer now."""
+    return {(tp.topic, tp.partition) for tp in consumer.assignment()}
+
+
 @dataclass
 class TopicPusher(ConsumerLoop):
     """One consumer (one thread) pushing its partitions' records to the sink."""
@@ -299,22 +304,25 @@ class TopicPusher(ConsumerLoop):
         if action is None:
             return False
         position = self._group_position(consumer)
-        if action == "reset" and position is not None:
-            committed, waiting = position
-            if committed != _stuck_groups.position(self.group_id) or not waiting:
-                # Its offsets moved (a member elsewhere consumes: these pushers are spares), or
-                # no record waits: nothing to mend now.
-                _stuck_groups.mended(self.group_id)
-                return False
-        _stuck_groups.note_position(self.group_id, position[0] if position else None)
-        reset = action == "reset" and position is not None
+        committed = position[0] if position else None
+        if (
+            action == "reset"
+            and position is not None
+            and (committed != _stuck_groups.position(self.group_id) or not position[1])
+        ):
+            # Its offsets moved (a member elsewhere consumes: these pushers are spares), or no
+            # record waits: nothing to mend now.
+            _stuck_groups.mended(self.group_id)
+            return False
+        _stuck_groups.note_position(self.group_id, committed)
         log.warning(
             "%s: no partition for %.0f s although the topic has one for each of %d pushers;"
             " %s", self.topic, STUCK_AFTER_SECONDS, self.group_size,
-            "resetting the group" if reset else "joining the group again",
+            "joining the group again" if committed is None or action == "rejoin"
+            else "resetting the group",
         )  # fmt: skip
-        if reset and position is not None:
-            self._reset_group(position[0])
+        if action == "reset" and committed is not None:
+            self._reset_group(committed)
         return True
 
     def _group_position(self, consumer: Any) -> tuple[dict[tuple[str, int], int], bool] | None:
@@ -520,7 +528,7 @@ class TopicPusher(ConsumerLoop):
         again after a poll (one that keeps this consumer in its group)."""
         from confluent_kafka import TopicPartition
 
-        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        owned = _owned(consumer)
         first: dict[tuple[str, int], int] = {}
         for message in held:
             key = (message.topic(), message.partition())
@@ -593,7 +601,7 @@ class TopicPusher(ConsumerLoop):
         metrics.ADAPTER_DELIVERIES.labels(self.topic, "delivered").inc(delivered)
         self.delivered += delivered
         # Only for partitions still owned: a revoked one's new owner starts at its commit.
-        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        owned = _owned(consumer)
         done = {key: offset for key, offset in done.items() if key in owned}
         if done:
             offsets = [TopicPartition(*key, offset) for key, offset in done.items()]
