@@ -204,9 +204,12 @@ class Bench:
         body_path = self.bodies[variant.body]
         script = body_path.with_suffix(".lua")
         log = self.workdir / f"{variant.name}.log"
-        # Metrics in files, as the image runs them (prometheus-client's multiprocess mode).
-        metrics_dir = Path(tempfile.mkdtemp(dir=self.workdir))
-        env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        # Metrics as the image keeps them: in memory with one worker, else in files
+        # (prometheus-client's multiprocess mode).
+        env = {**self.env}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if env["WORKERS"] != "1":
+            env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(dir=self.workdir)
         started = time.perf_counter()
         with log.open("wb") as log_file:
             server = subprocess.Popen(

@@ -17,13 +17,13 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from shared import logs, metrics
@@ -45,8 +45,24 @@ Model = TypeVar("Model", bound=BaseModel)
 Handler = Callable[..., Awaitable[Any]]
 
 
+_JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
 class JSONResponse(Response):
     media_type = "application/json"
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        if headers:
+            super().__init__(content, status_code, headers)
+            return
+        # Its two headers made directly: Response.__init__ works each one out, which cost
+        # 2 µs of a /predict.
+        self.status_code = status_code
+        self.background = None
+        self.body = self.render(content)
+        self.raw_headers = [(b"content-length", b"%d" % len(self.body)), _JSON_CONTENT_TYPE]
 
     def render(self, content: Any) -> bytes:
         if isinstance(content, BaseModel):
@@ -55,6 +71,10 @@ class JSONResponse(Response):
             return orjson.dumps(content, default=str)
         except TypeError:  # an echoed input orjson refuses: an int beyond 64 bits, a surrogate
             return json.dumps(content, default=str).encode()
+
+
+# nginx's status for a client that went away before its answer: never sent, only counted.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def error_response(status: int, detail: Any) -> JSONResponse:
@@ -97,16 +117,18 @@ class _Answered:
         if len(entries) >= self.FLUSH_AT or self.draining:
             self.flush()
             return
+        timer_loop = self._timer_loop
+        if timer_loop is not None and not timer_loop.is_closed():
+            return  # a flush is due (asked once a batch: get_running_loop is a getpid() call)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: now
             self.flush()
             return
-        if loop is not self._timer_loop:  # none pending on this loop (a closed one never fires)
-            loop.call_later(self.FLUSH_AFTER_SECONDS, self.flush)
-            self._timer_loop = loop
-            if not self._signals_hooked:
-                self._hook_signals(loop)
+        loop.call_later(self.FLUSH_AFTER_SECONDS, self.flush)
+        self._timer_loop = loop
+        if not self._signals_hooked:
+            self._hook_signals(loop)
 
     def _hook_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush when the server is told to stop, then let its own handler have the signal."""
@@ -140,8 +162,7 @@ class _Answered:
                 wall = time.time() - time.perf_counter()
                 line = logs.access.format
                 logs.access.write(
-                    [line(started + seconds + wall, method, path, status,
-                          round(seconds * 1e3, 2), rid)
+                    [line(started + seconds + wall, method, path, status, seconds * 1e3, rid)
                      for started, _, method, path, status, seconds, rid in entries]
                 )  # fmt: skip
         except Exception:  # a closed stdout must not fail the request that flushed
@@ -168,10 +189,13 @@ class Router:
 
     def __init__(self, *endpoints: Endpoint) -> None:
         self.endpoints = endpoints
-        # Most paths have no {parameter}: found by one dict lookup, with or without a slash.
+        # Most paths have no {parameter}: found by one dict lookup, with or without a slash
+        # (a second one after taking off the /moderation prefix).
         self._exact: dict[str, list[Endpoint]] = {}
         self._templated: list[Endpoint] = []
         for endpoint in endpoints:
+            if strip_prefix(endpoint.path) != endpoint.path:
+                raise ValueError(f"{endpoint.path}: a route's path is given without the prefix")
             if "{" in endpoint.path:
                 self._templated.append(endpoint)
             else:
@@ -207,6 +231,8 @@ class Router:
                 result.headers["Allow"] = ", ".join(error.detail_value)
             except ModerationError as error:
                 result = error_response(error.status, error.detail_value)
+            except ClientDisconnect:  # gone before its body arrived: counted and logged as 499
+                result = error_response(CLIENT_CLOSED_REQUEST, "Client Closed Request")
             except Exception:
                 log.exception("unhandled error on %s %r", method, path)
                 result = error_response(500, "Internal server error")
@@ -226,9 +252,12 @@ class Router:
             logs.request_id.reset(token)
 
     def _match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
-        rest = strip_prefix(path)
-        candidates = self._exact.get(rest)
+        # No route path starts with the prefix, so a path found as it is needs no stripping.
+        candidates = self._exact.get(path)
         params: dict[str, str] = {}
+        if candidates is None:
+            rest = strip_prefix(path)
+            candidates = self._exact.get(rest)
         if candidates is None:
             candidates = []
             for endpoint in self._templated:
@@ -311,24 +340,32 @@ def validation_errors(error: ValidationError, where: str) -> list[dict[str, Any]
 
 
 async def read_body(request: Request) -> bytes:
-    """The whole body, refusing more than MAX_BODY_BYTES without reading it all."""
+    """The whole body, refusing more than MAX_BODY_BYTES without reading it all: at once when
+    Content-Length says more, else as the chunks arrive. Read from the ASGI messages directly:
+    Starlette's request.body() goes through an async generator, 0.6 µs a request."""
     limit = get_settings().max_body_bytes
     for name, value in request.scope["headers"]:
         if name == b"content-length":
-            if not value.isdigit():
-                break  # not a length (servers refuse those): counted as it arrives
-            if int(value) > limit:
+            if value.isdigit() and int(value) > limit:  # (a non-number: servers refuse it)
                 raise PayloadTooLarge()
-            body = await request.body()  # uvicorn delivers the declared length, no more
-            if len(body) > limit:  # (a server that does not)
-                raise PayloadTooLarge()
-            return body
-    received = bytearray()  # chunked: counted as it arrives
-    async for chunk in request.stream():
-        received += chunk
-        if len(received) > limit:
+            break
+    chunks: list[bytes] = []
+    size = 0
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect: nobody to answer
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # a server that delivers more than was declared, or chunked
             raise PayloadTooLarge()
-    return bytes(received)
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def parse(model: type[Model], data: bytes | dict[str, Any], where: str = "body") -> Model:
@@ -336,15 +373,11 @@ def parse(model: type[Model], data: bytes | dict[str, Any], where: str = "body")
     query and path values are text, so there `"3"` is the integer 3."""
     strict = where == "body"
     try:
-        if isinstance(data, bytes):
-            return model.model_validate_json(data, strict=strict)
+        if isinstance(data, bytes):  # the validator itself: model_validate_json's wrapper
+            return model.__pydantic_validator__.validate_json(data, strict=strict)  # is 30 %
         return model.model_validate(data, strict=strict)
     except ValidationError as error:
         raise ValidationFailed(validation_errors(error, where)) from None
-
-
-async def parse_body(request: Request, model: type[Model]) -> Model:
-    return parse(model, await read_body(request))
 
 
 async def parse_json(request: Request) -> Any:

@@ -12,9 +12,8 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,8 +58,7 @@ _single_rows = _SingleRowCounts()
 metrics.on_flush(_single_rows.flush)
 
 
-@dataclass(frozen=True)
-class Score:
+class Score(NamedTuple):  # a tuple: made once per request on the hot path
     is_violation: bool
     probability: float
 

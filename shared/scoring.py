@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from shared import db, repository
 from shared.errors import ItemNotFound
 from shared.model import get_model
-from shared.schemas import Ad, BatchPrediction, BatchResponse, Prediction
+from shared.schemas import Ad, BatchPrediction, BatchResponse
 
 
-def predict(ad: Ad) -> Prediction:
+def predict(ad: Ad) -> dict[str, Any]:
+    """The answer for one ad, shaped as schemas.Prediction. A dict, not the model: building
+    a Prediction and serializing it took 6 µs of a /predict's ~90."""
     model = get_model()
-    score = model.score_one(ad)
-    # Our own values, of the declared types: constructed without validating them again.
-    return Prediction.model_construct(
-        is_violation=score.is_violation, probability=score.probability, model_version=model.version
-    )
+    is_violation, probability = model.score_one(ad)
+    return {"is_violation": is_violation, "probability": probability,
+            "model_version": model.version}  # fmt: skip
 
 
 def predict_batch(ads: Sequence[Ad]) -> BatchResponse:
@@ -29,7 +30,7 @@ def predict_batch(ads: Sequence[Ad]) -> BatchResponse:
     return BatchResponse(results=results, model_version=model.version)
 
 
-async def predict_stored(item_id: int) -> Prediction:
+async def predict_stored(item_id: int) -> dict[str, Any]:
     """Score a stored ad; the model is checked first so a broken model never costs a query."""
     get_model()
     async with db.connection() as conn:

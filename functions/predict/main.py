@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from shared import db, http, logs, model, scoring
-from shared.schemas import Ad, BatchResponse, Prediction
+from shared.schemas import Ad, BatchResponse
 
 settings = logs.start("predict", needs_model=True)
 
 
-async def predict_ad(request: Request) -> Prediction:
-    return scoring.predict(await http.parse_body(request, Ad))
+async def predict_ad(request: Request) -> dict[str, Any]:
+    return scoring.predict(http.parse(Ad, await http.read_body(request)))
 
 
 async def predict_batch(request: Request) -> BatchResponse:
@@ -21,7 +23,7 @@ async def predict_batch(request: Request) -> BatchResponse:
     return scoring.predict_batch(batch.items)
 
 
-async def simple_predict(request: Request) -> Prediction:
+async def simple_predict(request: Request) -> dict[str, Any]:
     return await scoring.predict_stored(await http.parse_item_id(request))
 
 

@@ -245,18 +245,59 @@ def test_image_with_bad_configuration_exits_with_one_line(env: list[str], named:
     assert len(lines) == 1 and named in lines[0], result.stderr
 
 
+def wait_healthy(name: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = podman("exec", name, "python", "-m", "moderation.healthcheck",
+                       "http://127.0.0.1:8080/health")  # fmt: skip
+        if probe.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name}: no healthy answer within {timeout:.0f} s")
+
+
+# Four ads scored inside the container, then what its /metrics counts and what it keeps on disk.
+_COUNT_IN_CONTAINER = f"""
+import json, os, re, urllib.request
+for _ in range(4):
+    request = urllib.request.Request("http://127.0.0.1:8080/predict", data={json.dumps(AD)!r}
+        .encode(), headers={{"Content-Type": "application/json"}})
+    urllib.request.urlopen(request).read()
+text = urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode()
+found = re.search(r'moderation_http_requests_total{{method="POST",route="/predict",status="200"}}'
+                  r' ([0-9.]+)', text)
+print(json.dumps({{"counted": float(found.group(1)) if found else None,
+                  "files": os.listdir("/tmp/prometheus")}}))
+"""
+
+
+@pytest.mark.parametrize(("workers", "in_files"), [("1", False), ("2", True)])
+def test_image_function_keeps_metrics_in_memory_with_one_worker_in_files_with_more(
+    workers: str, in_files: bool
+) -> None:
+    name = f"smoke-metrics-{uuid.uuid4().hex[:8]}"
+    started = podman(
+        "run", "-d", "--name", name, "-e", "FUNCTION_TARGET=predict", "-e", f"WORKERS={workers}",
+        APP_IMAGE,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        wait_healthy(name)
+        result = podman("exec", name, "python", "-c", _COUNT_IN_CONTAINER)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["counted"] == 4  # with two workers, both workers' requests added up
+        assert bool(seen["files"]) is in_files
+    finally:
+        podman("rm", "-f", name)
+
+
 def test_image_function_stops_cleanly_on_sigterm() -> None:
     name = f"smoke-sigterm-{uuid.uuid4().hex[:8]}"
     started = podman("run", "-d", "--name", name, "-e", "FUNCTION_TARGET=predict", APP_IMAGE)
     assert started.returncode == 0, started.stderr
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            probe = podman("exec", name, "python", "-m", "moderation.healthcheck",
-                           "http://127.0.0.1:8080/health")  # fmt: skip
-            if probe.returncode == 0:
-                break
-            time.sleep(0.5)
+        wait_healthy(name)
         # The signal must reach the server through the init: a clean exit, not a SIGKILL
         # after the grace period (exit code 137).
         podman("stop", "--time", "20", name)

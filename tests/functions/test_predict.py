@@ -164,6 +164,41 @@ def test_predict_body_size_is_checked_whether_declared_or_chunked(client: TestCl
     assert client.post("/predict", content=huge, headers=understated).status_code == 413
 
 
+def test_predict_body_in_many_small_chunks_is_read_whole(client: TestClient) -> None:
+    body = json.dumps(AD).encode()
+    small_chunks = (body[i : i + 7] for i in range(0, len(body), 7))
+    response = client.post("/predict", content=small_chunks)
+    assert response.status_code == 200
+    assert response.json() == client.post("/predict", content=body).json()
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_499_and_no_error(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server says http.disconnect instead of the body: nobody is left to answer, so it is
+    counted and logged as 499 (nginx's "client closed request"), not as a server error."""
+    sent: list[dict] = []
+
+    async def disconnected() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        client.portal.call(client.app, scope, disconnected, send)  # type: ignore[union-attr]
+    assert sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    metrics = client.get("/metrics").text
+    assert 'route="/predict",status="499"' in metrics
+
+
 def test_predict_unknown_path_is_404_and_wrong_method_is_405(client: TestClient) -> None:
     assert client.post("/nope", json=AD).status_code == 404
     assert client.get("/moderation/nope").json() == {"detail": "Not Found"}

@@ -3,6 +3,7 @@ startup line, librdkafka's repeats held back, the access line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -96,3 +97,33 @@ def test_startup_line_is_one_line_with_settings_and_no_secret(
     assert entry["role"] == "predict" and entry["version"]
     assert entry["settings"]["KAFKA_SASL_PASSWORD"] == "********"
     assert "hunter2" not in line and "swordfish" not in line
+
+
+def test_access_lines_of_a_new_event_loop_are_written_although_an_earlier_loop_closed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch is written by a timer on the loop of its first request; a timer left on a loop
+    that closed never fires, so the next loop's request must set one of its own."""
+    from shared import http
+
+    answered = http._Answered()
+    answered._signals_hooked = True  # (no server's signal handlers to chain here)
+    monkeypatch.setattr(answered, "FLUSH_AFTER_SECONDS", 0.01)
+    monkeypatch.setattr(logs.access, "enabled", True)
+    monkeypatch.setattr(logs.access, "json", True)
+
+    async def request(request_id: str, wait: float) -> None:
+        answered.add(time.perf_counter(), "/predict", "POST", "/predict", 200, request_id)
+        await asyncio.sleep(wait)
+
+    asyncio.run(request("on-a-loop-that-closes", wait=0))  # its timer never fires
+    asyncio.run(request("on-the-next-loop", wait=0.2))  # its timer is due first
+    ids = [json.loads(line)["request_id"] for line in capsys.readouterr().out.splitlines()]
+    assert ids == ["on-a-loop-that-closes", "on-the-next-loop"]
+
+
+def test_access_line_duration_has_two_decimals(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.access.json = True
+    logs.access.write([logs.access.format(time.time(), "GET", "/health", 200, 0.5, "r-1")])
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["message"] == "GET /health 200 0.50ms" and entry["duration_ms"] == 0.5

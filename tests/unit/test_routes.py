@@ -208,3 +208,26 @@ def test_dashboard_and_scrape_config_use_only_declared_metrics() -> None:
         "predict", "async_predict", "get_result", "moderation_consumer", "adapter", "relay",
         "dlq-recorder",
     }  # fmt: skip
+
+
+async def _answer(request: object) -> dict[str, str]:
+    return {"ok": "yes"}
+
+
+def test_a_function_router_finds_a_route_under_either_prefix_and_with_a_slash() -> None:
+    from shared.http import Endpoint, Router
+
+    router = Router(Endpoint("POST", "/predict", _answer), Endpoint("GET", "/r/{id}", _answer))
+    for path in ("/predict", "/predict/", "/moderation/predict", "/moderation/predict/"):
+        assert router._match("POST", path)[0].path == "/predict"
+    assert router._match("GET", "/moderation/r/7") == (router.endpoints[1], {"id": "7"})
+    for path in ("/moderation/moderation/predict", "/moderationpredict", "/predict//"):
+        with pytest.raises(Exception, match="Not Found"):
+            router._match("POST", path)
+
+
+def test_a_function_router_refuses_a_route_path_given_with_the_prefix() -> None:
+    from shared.http import Endpoint, Router
+
+    with pytest.raises(ValueError, match="without the prefix"):
+        Router(Endpoint("POST", "/moderation/predict", _answer))
