@@ -90,6 +90,8 @@ async def run(interval: float = 1.0, once: bool = False, stop: asyncio.Event | N
                     topics_checked = time.monotonic()
                 except Exception as error:  # broker down or refusing: try again later
                     log.warning("relay: topics not checked: %r", error)
+            if stop.is_set():  # asked during the checks: no publish (up to its wait) begun
+                break
             try:
                 published = await tasks.relay_once()
                 total += published

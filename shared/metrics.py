@@ -2,7 +2,8 @@
 
 With several worker processes (WORKERS > 1) set PROMETHEUS_MULTIPROC_DIR to an empty folder
 before the process starts (the image does): each worker then writes its numbers there and
-/metrics adds them up (prometheus-client's multiprocess mode). Without it, one process's own.
+/metrics adds them up (prometheus-client's multiprocess mode). Without it, one process's own,
+in memory: what the image does with one worker, as every update written to a file costs.
 """
 
 from __future__ import annotations

@@ -216,11 +216,15 @@ class DevStack:
         self, name: str, command: list[str], probe_url: str | None = None, **env: str
     ) -> None:
         log_path = self.state_dir / f"{name}.log"
-        # Each process's metrics in a folder of its own (several workers add up there).
-        metrics_dir = self.state_dir / f"metrics-{name}"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir()
-        child_env = {**self.env(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
+        child_env = {**self.env(), **env}
+        # As the image keeps them: metrics in memory with one worker; with several, in a
+        # folder of the process's own, where the workers' numbers add up.
+        child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if child_env.get("WORKERS", "1") != "1":
+            metrics_dir = self.state_dir / f"metrics-{name}"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            child_env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         child = Child(name, command, child_env, log_path)
         child.launch()
         assert child.process is not None

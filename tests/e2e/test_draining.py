@@ -4,13 +4,16 @@ it talks to are gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 
 from moderation.dev.embedded_kafka import CLIENT_TUNING, EmbeddedKafka
@@ -29,14 +32,42 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def row_waiting_in_the_outbox(database_url: str) -> Iterator[None]:
+    """A task whose record waits in the outbox (for a topic of its own), so the relay's passes
+    try to publish while the broker is down; taken out of everyone's way afterwards."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (task_id,) = conn.execute(
+            "INSERT INTO moderation_results (item_id) VALUES (1) RETURNING id"
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(
+            "INSERT INTO outbox (task_id, topic, key, payload) VALUES (%s, %s, '1', '{}')",
+            (task_id, f"draining-{task_id}"),
+        )
+        try:
+            yield
+        finally:
+            conn.execute("DELETE FROM moderation_results WHERE id = %s", (task_id,))
+
+
 @pytest.mark.parametrize(
-    "command",
-    [["relay"], ["dlq-recorder"], ["adapter", "--sink", "http://127.0.0.1:1"]],
-    ids=["relay", "dlq-recorder", "adapter"],
+    ("command", "rows_waiting"),
+    [
+        (["relay"], False),
+        (["relay"], True),
+        (["dlq-recorder"], False),
+        (["adapter", "--sink", "http://127.0.0.1:1"], False),
+    ],
+    ids=["relay", "relay-with-rows-to-publish", "dlq-recorder", "adapter"],
 )
 def test_process_stops_on_sigterm_within_the_grace_period_while_the_broker_is_down(
-    command: list[str], postgres_url: str
+    command: list[str], rows_waiting: bool, postgres_url: str
 ) -> None:
+    with row_waiting_in_the_outbox(postgres_url) if rows_waiting else contextlib.nullcontext():
+        stops_in_time_while_the_broker_is_down(command, postgres_url)
+
+
+def stops_in_time_while_the_broker_is_down(command: list[str], postgres_url: str) -> None:
     kafka = EmbeddedKafka()
     bootstrap = kafka.start()
     ops_port = free_port()
