@@ -9,6 +9,13 @@ if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
     mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 fi
 
+# Several worker processes add up their metrics through files in PROMETHEUS_MULTIPROC_DIR; one
+# process keeps them in memory (each update written to a file cost 2 µs of a ~80 µs /predict).
+# The folder stays, for whatever else runs in the container.
+if [ "${WORKERS:-1}" = 1 ]; then
+    unset PROMETHEUS_MULTIPROC_DIR
+fi
+
 if [ "$#" -gt 0 ] && [ "$1" != serve ]; then
     exec "$@"
 fi
@@ -22,12 +29,6 @@ source="${FUNCTION_SOURCE:-/app/functions/$FUNCTION_TARGET/main.py}"
 if [ ! -f "$source" ]; then
     echo "error: FUNCTION_TARGET: no function named '$FUNCTION_TARGET' (one of $functions)" >&2
     exit 2
-fi
-# Several workers add up their metrics through files in PROMETHEUS_MULTIPROC_DIR; one worker
-# keeps them in memory (each update written to a file cost 2 µs of a ~80 µs /predict). The
-# folder stays, for whatever else runs in the container.
-if [ "${WORKERS:-1}" = 1 ]; then
-    unset PROMETHEUS_MULTIPROC_DIR
 fi
 exec functions-framework --target "$FUNCTION_TARGET" --source "$source" \
     --host "${HOST:-0.0.0.0}" --port "${PORT:-8080}"

@@ -256,18 +256,23 @@ def wait_healthy(name: str, timeout: float = 30) -> None:
     raise AssertionError(f"{name}: no healthy answer within {timeout:.0f} s")
 
 
-# Four ads scored inside the container, then what its /metrics counts and what it keeps on disk.
+# Four ads scored inside the container, then what its /metrics counts (read until it says 4 or
+# for 5 s: a worker that did not answer the scrape writes its requests within 0.5 s) and what
+# the container keeps on disk.
 _COUNT_IN_CONTAINER = f"""
-import json, os, re, urllib.request
+import json, os, re, time, urllib.request
 for _ in range(4):
     request = urllib.request.Request("http://127.0.0.1:8080/predict", data={json.dumps(AD)!r}
         .encode(), headers={{"Content-Type": "application/json"}})
     urllib.request.urlopen(request).read()
-text = urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode()
-found = re.search(r'moderation_http_requests_total{{method="POST",route="/predict",status="200"}}'
-                  r' ([0-9.]+)', text)
-print(json.dumps({{"counted": float(found.group(1)) if found else None,
-                  "files": os.listdir("/tmp/prometheus")}}))
+deadline, counted = time.monotonic() + 5, None
+while counted != 4 and time.monotonic() < deadline:
+    time.sleep(0.2)
+    text = urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode()
+    found = re.search(r'moderation_http_requests_total{{method="POST",route="/predict",'
+                      r'status="200"}} ([0-9.]+)', text)
+    counted = float(found.group(1)) if found else None
+print(json.dumps({{"counted": counted, "files": os.listdir("/tmp/prometheus")}}))
 """
 
 
